@@ -1,0 +1,1 @@
+"""rclpy adapters, one file per node: parameters -> core object -> publishers."""

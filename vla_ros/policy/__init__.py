@@ -1,0 +1,1 @@
+"""The OpenVLA model, its fast engine, quantization and the tiny checkpoints used by tests (torch)."""

@@ -1,0 +1,1 @@
+"""A simulated 7-DoF arm and table-top camera scene, for demos and closed-loop tests."""
