@@ -1,0 +1,120 @@
+"""Reusable helpers for tests that run real ROS 2 nodes over Fast DDS (in-process and as processes).
+
+Graph tests isolate themselves with their own ``ROS_DOMAIN_ID`` and keep discovery on localhost;
+nodes run as separate processes started with ``python -m <module>`` so a crash or a stall in one
+cannot hide inside the test process. Nothing here is a mock: these are real rclpy nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+
+def ros_env(domain_id: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a node process: this interpreter's env plus an isolated DDS domain."""
+    env = dict(os.environ)
+    env.update({
+        'ROS_DOMAIN_ID': str(domain_id),
+        'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST',
+        'RMW_IMPLEMENTATION': 'rmw_fastrtps_cpp',
+        'PYTHONUNBUFFERED': '1',
+    })
+    if extra:
+        env.update(extra)
+    return env
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, period: float = 0.01) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; return its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(period)
+    return bool(predicate())
+
+
+class NodeProcess:
+    """A node started as its own process (``python -m module args``), output kept for asserts."""
+
+    def __init__(self, module: str, args: Sequence[str] = (), *, env: dict[str, str],
+                 name: str | None = None, cwd: str | Path | None = None) -> None:
+        self.name = name or module.rsplit('.', 1)[-1]
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            [sys.executable, '-m', module, *args], env=env, cwd=cwd,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._lock:
+                self._lines.append(line.rstrip('\n'))
+
+    @property
+    def output(self) -> str:
+        """Everything the process printed so far."""
+        with self._lock:
+            return '\n'.join(self._lines)
+
+    def wait_for_output(self, text: str, timeout: float) -> bool:
+        """Wait until ``text`` appears in the process output."""
+        return wait_for(lambda: text in self.output, timeout, period=0.05)
+
+    def alive(self) -> bool:
+        """Whether the process is still running."""
+        return self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the process (SIGKILL by default: an abrupt crash)."""
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """Stop gracefully (SIGINT), then escalate; return the exit code."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        self._reader.join(timeout=1.0)
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def node_processes(*procs: NodeProcess) -> Iterator[tuple[NodeProcess, ...]]:
+    """Stop all processes on exit, whatever happened in the block."""
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
+
+
+@contextlib.contextmanager
+def rclpy_context(domain_id: int) -> Iterator[object]:
+    """An rclpy context on ``domain_id``, initialised and shut down around the block."""
+    import rclpy
+    from rclpy.context import Context
+
+    context = Context()
+    rclpy.init(context=context, domain_id=domain_id)
+    try:
+        yield context
+    finally:
+        with contextlib.suppress(Exception):
+            rclpy.shutdown(context=context)
