@@ -1,0 +1,181 @@
+"""Camera node: the team's camera frames + the current instruction -> ``Observation`` at the policy rate.
+
+Wiring only: the image callback decodes nothing and just keeps the newest frame (drop-oldest,
+size 1); a timer at ``policy_rate_hz`` takes it, drops it when older than ``max_frame_age``,
+preprocesses it exactly as OpenVLA expects (``vla_ros.core.image``) and publishes it with the
+instruction and episode id. An empty instruction means idle: nothing is forwarded. Malformed
+frames and unusable instructions are logged and dropped; the node keeps running.
+
+Topics (relative; remap ``image`` to the camera driver): in ``image`` (sensor_msgs/Image, sensor
+data QoS), ``instruction`` (std_msgs/String, reliable + transient_local); out ``observation``
+(vla_ros/Observation, reliable, depth 1), ``debug_image`` (the preprocessed frame, for rviz2).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import rclpy
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy)
+from rclpy.time import Time
+from sensor_msgs.msg import Image
+from std_msgs.msg import String
+
+from vla_ros.core.buffer import LatestBuffer
+from vla_ros.core.errors import VlaRosError
+from vla_ros.core.image import ImageConfig, decode_image, encode_image, preprocess
+from vla_ros.core.prompt import build_prompt
+from vla_ros.msg import Observation
+from vla_ros.nodes.params import Param, declare
+
+SENSOR_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
+                        reliability=ReliabilityPolicy.BEST_EFFORT,
+                        durability=DurabilityPolicy.VOLATILE)
+LATCHED_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
+                         reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+LATEST_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
+                        reliability=ReliabilityPolicy.RELIABLE)
+
+PARAMS = (
+    Param('policy_rate_hz', 5.0, 'Rate at which observations are forwarded [Hz].', 0.1, 100.0,
+          read_only=True),
+    Param('max_frame_age', 0.5, 'Frames older than this (header stamp vs now) are dropped [s].',
+          0.01, 10.0),
+    Param('max_instruction_chars', 1000, 'Longer instructions are rejected [characters].',
+          1, 100000),
+    Param('size', 224, 'Side of the square model input [px].', 16, 1024, read_only=True),
+    Param('resize_filter', 'lanczos', 'lanczos (OpenVLA eval scripts) or bicubic (HF processor).',
+          read_only=True),
+    Param('jpeg_roundtrip', True, 'JPEG-encode/decode frames first, as in OpenVLA training data.',
+          read_only=True),
+    Param('center_crop', False, 'Center crop of crop_scale area (models trained with '
+          'augmentation); base openvla-7b must not be cropped.', read_only=True),
+    Param('crop_scale', 0.9, 'Area fraction kept by the center crop.', 0.1, 1.0, read_only=True),
+    Param('rotate_180', False, 'Rotate frames 180 degrees (LIBERO).', read_only=True),
+    Param('flip_horizontal', False, 'Mirror frames left-right.', read_only=True),
+    Param('flip_vertical', False, 'Mirror frames top-bottom.', read_only=True),
+)
+
+
+class CameraNode(Node):
+    """Forwards the freshest preprocessed frame with the current instruction."""
+
+    def __init__(self) -> None:
+        super().__init__('camera_node')
+        p = declare(self, PARAMS)
+        self._max_age = float(p['max_frame_age'])
+        self._max_chars = int(p['max_instruction_chars'])
+        self._image_config = ImageConfig(
+            size=int(p['size']), resize_filter=str(p['resize_filter']),
+            jpeg_roundtrip=bool(p['jpeg_roundtrip']), center_crop=bool(p['center_crop']),
+            crop_scale=float(p['crop_scale']), rotate_180=bool(p['rotate_180']),
+            flip_horizontal=bool(p['flip_horizontal']), flip_vertical=bool(p['flip_vertical']))
+        self._frames: LatestBuffer[tuple[Image, float]] = LatestBuffer()
+        self._instruction = ''
+        self._episode_id = 0
+        self.forwarded = 0
+
+        self._obs_pub = self.create_publisher(Observation, 'observation', LATEST_QOS)
+        self._debug_pub = self.create_publisher(Image, 'debug_image', LATEST_QOS)
+        self.create_subscription(Image, 'image', self._on_image, SENSOR_QOS)
+        self.create_subscription(String, 'instruction', self._on_instruction, LATCHED_QOS)
+        self.create_timer(1.0 / float(p['policy_rate_hz']), self._on_tick)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.get_logger().info(
+            f'camera node ready: {p["policy_rate_hz"]} Hz, max frame age {self._max_age} s, '
+            f'{self._image_config}')
+
+    def _on_set_parameters(self, params):  # noqa: ANN001 - rclpy callback signature
+        from rcl_interfaces.msg import SetParametersResult
+        for param in params:
+            if param.name == 'max_frame_age':
+                self._max_age = float(param.value)
+            elif param.name == 'max_instruction_chars':
+                self._max_chars = int(param.value)
+        return SetParametersResult(successful=True)
+
+    def _on_image(self, msg: Image) -> None:
+        self._frames.put((msg, time.monotonic()))
+
+    def _on_instruction(self, msg: String) -> None:
+        text = msg.data.strip()
+        if not text:
+            self.get_logger().info('empty instruction: idle')
+            self._instruction = ''
+            return
+        try:
+            build_prompt(text, self._max_chars)
+        except VlaRosError as exc:
+            self.get_logger().error(f'instruction rejected, idle: {exc}')
+            self._instruction = ''
+            return
+        self._episode_id += 1
+        self._instruction = text
+        self.get_logger().info(f'episode {self._episode_id}: {text[:200]!r}')
+
+    def _frame_age(self, msg: Image, received: float) -> float:
+        """Age from the header stamp (camera clock = our clock), else time since arrival."""
+        stamp = Time.from_msg(msg.header.stamp)
+        if stamp.nanoseconds == 0:
+            return time.monotonic() - received
+        return (self.get_clock().now() - stamp).nanoseconds * 1e-9
+
+    def _on_tick(self) -> None:
+        if not self._instruction:
+            return
+        item = self._frames.take()
+        if item is None:
+            return
+        msg, received = item
+        age = self._frame_age(msg, received)
+        if age > self._max_age or age < -self._max_age:
+            self.get_logger().warn(
+                f'dropping a frame {age:.3f} s old (max_frame_age {self._max_age} s)',
+                throttle_duration_sec=2.0)
+            return
+        try:
+            rgb = decode_image(msg.data, msg.height, msg.width, msg.encoding, msg.step,
+                               msg.is_bigendian)
+            model_input = preprocess(rgb, self._image_config)
+        except VlaRosError as exc:
+            self.get_logger().error(f'dropping a malformed frame: {exc}',
+                                    throttle_duration_sec=2.0)
+            return
+        obs = Observation()
+        obs.header = msg.header
+        obs.image = _to_image_msg(model_input, msg.header)
+        obs.instruction = self._instruction
+        obs.episode_id = self._episode_id
+        self._obs_pub.publish(obs)
+        self._debug_pub.publish(obs.image)
+        self.forwarded += 1
+
+
+def _to_image_msg(rgb: np.ndarray, header) -> Image:  # noqa: ANN001 - std_msgs/Header
+    data, height, width, encoding, step = encode_image(rgb, 'rgb8')
+    out = Image()
+    out.header = header
+    out.height, out.width, out.encoding, out.step = height, width, encoding, step
+    out.data = data
+    return out
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the camera node until interrupted."""
+    rclpy.init(args=args)
+    node = CameraNode()
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == '__main__':
+    main()
