@@ -1,19 +1,16 @@
-"""Shared fixtures: each test session gets its own DDS domains so parallel runs never cross-talk."""
+"""Shared fixtures: every graph test runs on a DDS domain that no other process holds."""
 
 from __future__ import annotations
 
-import itertools
-import os
+from collections.abc import Iterator
 
 import pytest
 
-# Domains 1..100 are spread over concurrent test sessions by pid; each graph test takes the next
-# one, so a leftover process from one test cannot talk to the next.
-_BASE = 1 + (os.getpid() % 25) * 4
-_domains = itertools.count()
+from vla_ros.testing import reserved_domain
 
 
 @pytest.fixture
-def domain_id() -> int:
-    """A DDS domain id for this test alone (within this session)."""
-    return 1 + (_BASE - 1 + next(_domains)) % 100
+def domain_id() -> Iterator[int]:
+    """A DDS domain id reserved for this test alone (across concurrent test sessions too)."""
+    with reserved_domain() as domain:
+        yield domain

@@ -8,6 +8,7 @@ cannot hide inside the test process. Nothing here is a mock: these are real rclp
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -16,6 +17,37 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+
+#: DDS domains handed out to tests (Fast DDS ports for ids 0..101 stay below 32768).
+TEST_DOMAINS = range(1, 102)
+_LOCK_DIR = Path(os.environ.get('VLA_ROS_DOMAIN_LOCKS', '/tmp/vla_ros_domain_locks'))
+
+
+@contextlib.contextmanager
+def reserved_domain() -> Iterator[int]:
+    """Hold a DDS domain id no other process on this machine holds (a flock per id).
+
+    Concurrent test sessions (two checkouts, CI beside a developer) would otherwise cross-talk
+    on a shared domain; the lock is released when the block ends or the process dies.
+    """
+    _LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    start = os.getpid() % len(TEST_DOMAINS)
+    for i in range(len(TEST_DOMAINS)):
+        domain = TEST_DOMAINS[(start + i) % len(TEST_DOMAINS)]
+        fd = os.open(_LOCK_DIR / f'{domain}.lock', os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            yield domain
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        return
+    raise RuntimeError(f'all DDS test domains {TEST_DOMAINS} are in use')
 
 
 def ros_env(domain_id: int, extra: dict[str, str] | None = None) -> dict[str, str]:

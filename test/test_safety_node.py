@@ -1,0 +1,143 @@
+"""Graph tests of the safety node as its own process, with the simulated arm closing the loop."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from std_msgs.msg import Bool
+
+from vla_ros.msg import SafetyStatus
+from vla_ros.testing import NodeProcess, node_processes, rclpy_context, ros_env
+from vla_ros.testing.graph import SafetyHarness, twist_vector
+
+pytestmark = pytest.mark.graph
+
+SAFETY_ARGS = ['--ros-args', '-r', '__ns:=/vla', '-r', 'twist:=/servo_node/delta_twist_cmds',
+               '-r', 'joint_states:=/joint_states']
+SIM_ARGS = ['--ros-args', '-r', 'twist:=/servo_node/delta_twist_cmds',
+            '-r', 'gripper_command:=/vla/gripper_command', '-r', 'instruction:=/vla/instruction',
+            '-p', 'camera_rate_hz:=1.0']
+
+
+def _zero(v: np.ndarray) -> bool:
+    return bool(np.all(v == 0.0))
+
+
+@pytest.fixture
+def graph(domain_id: int):  # noqa: ANN201
+    safety = NodeProcess('vla_ros.nodes.safety_node', SAFETY_ARGS, env=ros_env(domain_id))
+    sim = NodeProcess('vla_ros.nodes.sim_arm_node', SIM_ARGS, env=ros_env(domain_id))
+    with node_processes(safety, sim), rclpy_context(domain_id) as ctx:
+        h = SafetyHarness(ctx)
+        assert safety.wait_for_output('safety node ready', 30), safety.output
+        assert h.connected(), safety.output
+        assert h.wait_joint_states(), safety.output + sim.output
+        yield safety, h
+        h.close()
+
+
+def _activate(h: SafetyHarness, delta: list[float]) -> int:
+    """Instruct, send one action; return the ROS time [ns] just before it was sent."""
+    h.instruct('move to the red block')
+    assert h.wait_reason('waiting for its first action')
+    t = h.now_ns()
+    h.action(delta)
+    return t
+
+
+def _all_zero_after(h: SafetyHarness, stamp_ns: int) -> bool:
+    return all(_zero(twist_vector(r.msg)) for r in h.twists_stamped_after(stamp_ns))
+
+
+def test_in_range_action_passes_unchanged_then_stale_action_stops(graph) -> None:  # noqa: ANN001
+    safety, h = graph
+    delta = [0.01, -0.005, 0.004, 0.0, 0.0, 0.02, 1.0]  # gripper raw 1.0 = open (Bridge)
+    t0 = _activate(h, delta)
+    moving = h.first_twist_after(t0, lambda v: not _zero(v))
+    assert moving is not None, (safety.output, h.last_status())
+    np.testing.assert_allclose(twist_vector(moving.msg), np.array(delta[:6]) / 0.2, atol=1e-12)
+    assert h.wait_state(SafetyStatus.STATE_ACTIVE)
+    assert list(h.last_status().limits_applied) == []
+    assert not h.grippers, 'gripper_debounce 2: one action must not command the gripper'
+    t1 = h.now_ns()
+    h.action(delta)  # the second agreeing action commands it
+    assert h.first_twist_after(t1, lambda v: not _zero(v)) is not None, safety.output
+    time.sleep(0.1)
+    assert h.grippers and h.grippers[-1].msg.data == 0.0  # raw 1.0 (open) -> command 0 = open
+    # The held twist is re-published at the output rate until the action is stale...
+    stopped = h.first_twist_after(t1, _zero, timeout=3.0)
+    assert stopped is not None
+    repeats = [r for r in h.twists_stamped_after(t1) if r.stamp_ns < stopped.stamp_ns]
+    assert len(repeats) >= 10, (f'only {len(repeats)} re-publications in ~0.5 s at 50 Hz',
+                                safety.output)
+    # ...then a controlled stop: timeout 0.5 s + at most one output period (+ scheduling).
+    assert 0.45e9 < stopped.stamp_ns - t1 < (0.5 + 0.02 + 0.1) * 1e9, stopped.stamp_ns - t1
+    assert h.wait_state(SafetyStatus.STATE_STOPPED)
+    assert 'stale' in h.last_status().reason
+
+
+def test_estop_latches_and_reset_never_resumes_by_itself(graph) -> None:  # noqa: ANN001
+    safety, h = graph
+    t0 = _activate(h, [0.01, 0, 0, 0, 0, 0, 1.0])
+    assert h.first_twist_after(t0, lambda v: not _zero(v)) is not None
+    # Keep actions flowing, then e-stop through the topic.
+    h.action([0.01, 0, 0, 0, 0, 0, 1.0])
+    t_e, t_e_mono = h.now_ns(), time.monotonic()
+    h.estop_pub.publish(Bool(data=True))
+    zero = h.first_twist_after(t_e, _zero, timeout=2.0)
+    assert zero is not None and zero.t - t_e_mono < 0.2
+    assert h.wait_state(SafetyStatus.STATE_ESTOP)
+    # Actions during the e-stop do nothing.
+    t1 = h.now_ns()
+    for _ in range(5):
+        h.action([0.01, 0, 0, 0, 0, 0, 1.0])
+        time.sleep(0.02)
+    time.sleep(0.2)
+    assert _all_zero_after(h, t1)
+    # Reset: no motion by itself, nor from an action computed before the reset.
+    stale = h.action([0.01, 0, 0, 0, 0, 0, 1.0], stamp_offset=-0.05)
+    time.sleep(0.05)
+    h.estop_pub.publish(Bool(data=False))  # clearing the topic does not reset the latch
+    time.sleep(0.1)
+    assert h.last_status().state == SafetyStatus.STATE_ESTOP
+    t2 = h.now_ns()
+    resp = h.call('reset')
+    assert resp.success, resp.message
+    h.action_pub.publish(stale)
+    time.sleep(0.3)
+    assert _all_zero_after(h, t2)
+    assert h.last_status().state == SafetyStatus.STATE_STOPPED
+    # A fresh action resumes.
+    t3 = h.now_ns()
+    h.action([0.01, 0, 0, 0, 0, 0, 1.0])
+    assert h.first_twist_after(t3, lambda v: not _zero(v), timeout=2.0) is not None, \
+        safety.output
+    # The service e-stop works as well.
+    resp = h.call('estop')
+    assert resp.success
+    t4 = h.now_ns()
+    time.sleep(0.1)
+    assert _all_zero_after(h, t4)
+    assert h.last_status().state == SafetyStatus.STATE_ESTOP
+
+
+def test_bad_actions_give_a_safe_state_and_huge_ones_are_limited(graph) -> None:  # noqa: ANN001
+    safety, h = graph
+    t0 = _activate(h, [float('nan'), 0, 0, 0, 0, 0, 1.0])
+    assert h.wait_state(SafetyStatus.STATE_STOPPED), safety.output
+    assert 'finite' in h.last_status().reason
+    assert _all_zero_after(h, t0)
+    t1 = h.now_ns()
+    h.action([5.0, -5.0, 5.0, 3.0, -3.0, 3.0, 1.0])
+    moving = h.first_twist_after(t1, lambda v: not _zero(v))
+    assert moving is not None, safety.output
+    v = twist_vector(moving.msg)
+    assert np.linalg.norm(v[:3]) <= 0.15 + 1e-9 and np.linalg.norm(v[3:]) <= 0.8 + 1e-9
+    assert np.all(np.abs(v[:3]) * 0.2 <= 0.03 + 1e-12)
+    assert h.wait_state(SafetyStatus.STATE_ACTIVE)
+    assert h.last_status().limits_applied, 'a huge action must report its limits'
+    h.action([float('inf')] * 7)
+    assert h.wait_state(SafetyStatus.STATE_STOPPED)
+    assert safety.alive()

@@ -1,0 +1,372 @@
+"""Safety node: the only path to the arm. Feeds ``vla_ros.core.safety.SafetyLimiter`` and publishes
+what it decides: the limited twist (or a pose target) at the output rate, the gripper command,
+``SafetyStatus`` on every transition (latched), ``/diagnostics``, rviz markers and a JSON-lines
+audit log.
+
+Wiring only; every rule lives in the pure limiter. The e-stop (topic and service) has its own
+callback group in a multi-threaded executor and publishes the zero twist from its own callback,
+so neither the output timer nor a burst of actions delays it. Times passed to the limiter are the
+node clock in seconds; an action's camera stamp is its header stamp (the frame it came from), so
+a stale frame stops the arm even while actions keep arriving. A dead VLA process is seen through
+the action stream's DDS liveliness: the heartbeat stops, then the limiter stops the arm.
+
+Topics (relative; the bringup remaps the external ones): in ``action`` (vla_ros/VlaAction),
+``instruction`` (std_msgs/String, latched), ``estop`` (std_msgs/Bool, latched; true latches),
+``joint_states``; out ``twist`` (geometry_msgs/TwistStamped) or ``pose_target``
+(geometry_msgs/PoseStamped), ``gripper_command`` (std_msgs/Float64, 0 open 1 closed),
+``safety_status`` (latched), ``markers``, ``diagnostics``; services ``~/estop``, ``~/reset``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import re
+import threading
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import Point, PoseStamped, TwistStamped
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.event_handler import SubscriptionEventCallbacks
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Bool, ColorRGBA, Float64, String
+from std_srvs.srv import Trigger
+from visualization_msgs.msg import Marker, MarkerArray
+
+from vla_ros.core.actions import GripperConvention, gripper_closedness
+from vla_ros.core.errors import VlaRosError
+from vla_ros.core.safety import Decision, SafetyConfig, SafetyLimiter, SafetyState
+from vla_ros.msg import SafetyStatus, VlaAction
+from vla_ros.nodes.camera_node import LATCHED_QOS
+from vla_ros.nodes.params import Param, declare
+from vla_ros.nodes.vla_node import ACTION_QOS
+
+STATE_COLOURS = {
+    SafetyState.IDLE: (0.6, 0.6, 0.6), SafetyState.ACTIVE: (0.1, 0.8, 0.2),
+    SafetyState.STOPPED: (1.0, 0.7, 0.0), SafetyState.DONE: (0.2, 0.4, 1.0),
+    SafetyState.ESTOP: (1.0, 0.0, 0.0),
+}
+
+
+def _field_docs() -> dict[str, str]:
+    """The ``#:`` comment above each SafetyConfig field: one source for parameter descriptions."""
+    docs, pending = {}, []
+    for line in inspect.getsource(SafetyConfig).splitlines():
+        text = line.strip()
+        if text.startswith('#:'):
+            pending.append(text[2:].strip())
+            continue
+        match = re.match(r'(\w+): ', text)
+        if match and pending:
+            docs[match.group(1)] = ' '.join(pending)
+        pending = []
+    return docs
+
+
+def _limiter_params() -> tuple[Param, ...]:
+    docs = _field_docs()
+    out = []
+    for f in fields(SafetyConfig):
+        default = f.default
+        if isinstance(default, tuple):
+            default = [float(v) for v in default]
+        out.append(Param(f.name, default, docs.get(f.name, f.name) + ' (validated by '
+                         'SafetyConfig; change requires restart)', read_only=True))
+    return tuple(out)
+
+
+PARAMS = _limiter_params() + (
+    Param('robot_description', '', 'URDF XML; empty = read urdf_path.', read_only=True),
+    Param('urdf_path', '', 'URDF file; empty = the package\'s config/panda.urdf.',
+          read_only=True),
+    Param('ee_frame', 'panda_tcp', 'End-effector frame of the URDF.', read_only=True),
+    Param('use_kinematics', True, 'Apply workspace and joint limits from URDF + joint states.',
+          read_only=True),
+    Param('frame_id', 'panda_link0', 'Frame of the output twist/pose (Servo planning frame).',
+          read_only=True),
+    Param('output_mode', 'twist', 'twist (MoveIt Servo TwistStamped) | pose (PoseStamped).',
+          read_only=True),
+    Param('gripper_convention', 'raw', 'Checkpoint gripper convention: raw | binarize | libero.',
+          read_only=True),
+    Param('audit_log', '', 'JSON-lines audit log file; empty = off.', read_only=True),
+    Param('status_rate_hz', 2.0, 'Periodic SafetyStatus/markers/diagnostics rate [Hz].', 0.1,
+          50.0, read_only=True),
+)
+
+
+class SafetyNode(Node):
+    """Feeds the limiter from DDS and publishes its decisions."""
+
+    def __init__(self) -> None:
+        super().__init__('safety_node')
+        self.p = declare(self, PARAMS)
+        config = SafetyConfig.from_dict({f.name: self.p[f.name] for f in fields(SafetyConfig)})
+        self.config = config
+        self.kinematics = self._load_kinematics() if self.p['use_kinematics'] else None
+        self.limiter = SafetyLimiter(config, self.kinematics)
+        self.convention = GripperConvention.parse(str(self.p['gripper_convention']))
+        self.frame_id = str(self.p['frame_id'])
+        self.pose_mode = self.p['output_mode'] == 'pose'
+        self._lock = threading.Lock()
+        self._vla_alive = False
+        self._last: Decision | None = None
+        self._ee_position: np.ndarray | None = None
+        self._audit = open(self.p['audit_log'], 'a', encoding='utf-8') \
+            if self.p['audit_log'] else None  # noqa: SIM115 - closed in destroy_node
+
+        estop_group = MutuallyExclusiveCallbackGroup()
+        io_group = MutuallyExclusiveCallbackGroup()
+        if self.pose_mode:
+            self._cmd_pub = self.create_publisher(PoseStamped, 'pose_target', 10)
+        else:
+            self._cmd_pub = self.create_publisher(TwistStamped, 'twist', 10)
+        self._grip_pub = self.create_publisher(Float64, 'gripper_command', 10)
+        self._status_pub = self.create_publisher(SafetyStatus, 'safety_status', LATCHED_QOS)
+        self._marker_pub = self.create_publisher(MarkerArray, 'markers', 10)
+        self._diag_pub = self.create_publisher(DiagnosticArray, 'diagnostics', 10)
+
+        events = SubscriptionEventCallbacks(liveliness=self._on_liveliness)
+        self.create_subscription(VlaAction, 'action', self._on_action, ACTION_QOS,
+                                 callback_group=io_group, event_callbacks=events)
+        self.create_subscription(JointState, 'joint_states', self._on_joint_state, 10,
+                                 callback_group=io_group)
+        self.create_subscription(String, 'instruction', self._on_instruction, LATCHED_QOS,
+                                 callback_group=io_group)
+        self.create_subscription(Bool, 'estop', self._on_estop_topic, LATCHED_QOS,
+                                 callback_group=estop_group)
+        self.create_service(Trigger, '~/estop', self._on_estop_service,
+                            callback_group=estop_group)
+        self.create_service(Trigger, '~/reset', self._on_reset_service,
+                            callback_group=estop_group)
+        self.create_timer(1.0 / config.output_rate_hz, self._on_tick, callback_group=io_group)
+        self.create_timer(1.0 / float(self.p['status_rate_hz']), self._on_status_timer,
+                          callback_group=io_group)
+        self._publish(self.limiter.tick(self._now()), force_status=True)
+        self.get_logger().info(
+            f'safety node ready: output {self.p["output_mode"]} in {self.frame_id} at '
+            f'{config.output_rate_hz} Hz, kinematics '
+            f'{"on" if self.kinematics is not None else "off"}')
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _load_kinematics(self):  # noqa: ANN202 - pinocchio stays out of the signature
+        from vla_ros.core.kinematics import ArmKinematics, default_urdf_path
+        ee = str(self.p['ee_frame'])
+        if self.p['robot_description']:
+            return ArmKinematics.from_urdf_string(str(self.p['robot_description']), ee)
+        return ArmKinematics.from_urdf_file(str(self.p['urdf_path']) or default_urdf_path(), ee)
+
+    def _now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    # -- inputs ---------------------------------------------------------------------------
+    def _on_action(self, msg: VlaAction) -> None:
+        stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+        try:
+            closed = gripper_closedness(float(msg.delta[6]), self.convention)
+        except VlaRosError:
+            closed = float('nan')  # the limiter rejects it with a reason
+        with self._lock:  # ``now`` inside the lock: the limiter's inputs stay time-ordered
+            now = self._now()
+            self.limiter.on_camera_frame(stamp, now)
+            decision = self.limiter.on_action(np.asarray(msg.delta), closed, msg.episode_id,
+                                              stamp, now)
+            self._publish(decision)
+        self._audit_write(decision, always=True)
+
+    def _on_joint_state(self, msg: JointState) -> None:
+        if self.kinematics is None:
+            return
+        try:
+            q = self.kinematics.order_joint_state(msg.name, msg.position)
+        except VlaRosError as exc:
+            self.get_logger().error(f'joint state rejected: {exc}', throttle_duration_sec=2.0)
+            q = None
+        with self._lock:
+            decision = self.limiter.on_joint_state(q, self._now())
+            if q is not None:
+                self._ee_position = self.kinematics.fk(q)[0]
+            if decision.transition:
+                self._publish(decision)
+
+    def _on_instruction(self, msg: String) -> None:
+        with self._lock:
+            self._publish(self.limiter.on_instruction(msg.data, self._now()), force_status=True)
+
+    def _on_liveliness(self, event) -> None:  # noqa: ANN001 - rclpy event type
+        alive = event.alive_count > 0
+        if alive != self._vla_alive:
+            self.get_logger().warning(f'VLA action stream liveliness: '
+                                   f'{"alive" if alive else "LOST"}')
+        self._vla_alive = alive
+
+    def _estop(self, reason: str) -> None:
+        with self._lock:
+            self._publish(self.limiter.estop(self._now(), reason), force_status=True)
+
+    def _on_estop_topic(self, msg: Bool) -> None:
+        if msg.data:
+            self._estop('estop topic')
+
+    def _on_estop_service(self, request, response):  # noqa: ANN001, ANN201
+        self._estop('estop service')
+        response.success, response.message = True, 'estop latched'
+        return response
+
+    def _on_reset_service(self, request, response):  # noqa: ANN001, ANN201
+        with self._lock:
+            decision = self.limiter.reset(self._now())
+            self._publish(decision, force_status=True)
+        response.success = decision.state is not SafetyState.ESTOP
+        response.message = decision.reason
+        return response
+
+    def _on_tick(self) -> None:
+        with self._lock:
+            now = self._now()
+            if self._vla_alive:
+                self.limiter.on_vla_heartbeat(now)
+            self._publish(self.limiter.tick(now))
+
+    # -- outputs --------------------------------------------------------------------------
+    def _publish(self, d: Decision, force_status: bool = False) -> None:
+        """Publish the command of ``d`` (zero when not ACTIVE), gripper, status on transitions."""
+        stamp = self.get_clock().now().to_msg()
+        if self.pose_mode:
+            if self._ee_position is not None:
+                msg = PoseStamped()
+                msg.header.stamp, msg.header.frame_id = stamp, self.frame_id
+                target = self._ee_position + d.twist[:3] * self.config.action_period
+                msg.pose.position = Point(x=float(target[0]), y=float(target[1]),
+                                          z=float(target[2]))
+                msg.pose.orientation.w = 1.0
+                self._cmd_pub.publish(msg)
+        else:
+            msg = TwistStamped()
+            msg.header.stamp, msg.header.frame_id = stamp, self.frame_id
+            v = [float(x) for x in d.twist]
+            msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z = v[:3]
+            msg.twist.angular.x, msg.twist.angular.y, msg.twist.angular.z = v[3:]
+            self._cmd_pub.publish(msg)
+        if d.gripper is not None:
+            self._grip_pub.publish(Float64(data=float(d.gripper)))
+        self._last = d
+        if d.transition or force_status:
+            self._publish_status(d)
+            if d.transition:
+                self.get_logger().info(f'safety state {d.state.name}: {d.reason}')
+                self._audit_write(d)
+
+    def _status_msg(self, d: Decision) -> SafetyStatus:
+        s = SafetyStatus()
+        s.header.stamp = self.get_clock().now().to_msg()
+        s.header.frame_id = self.frame_id
+        s.state, s.state_name, s.reason = int(d.state), d.state.name, d.reason[:500]
+        s.limits_applied = list(d.limits_applied)
+        s.requested = np.nan_to_num(np.asarray(d.requested, dtype=np.float64), nan=0.0)
+        s.applied = np.asarray(d.applied_delta, dtype=np.float64)
+        s.linear_speed, s.angular_speed = d.linear_speed, d.angular_speed
+        s.episode_id = max(0, int(d.episode_id))
+        s.step_count, s.still_count = int(d.step_count), int(d.still_count)
+        ages = self.limiter.ages(self._now())
+        s.action_age = float(ages.get('action', -1.0))
+        s.camera_age = float(ages.get('camera', -1.0))
+        s.joint_state_age = float(ages.get('joint_state', -1.0))
+        return s
+
+    def _publish_status(self, d: Decision) -> None:
+        self._status_pub.publish(self._status_msg(d))
+
+    def _on_status_timer(self) -> None:
+        with self._lock:
+            d = self._last
+            if d is None:
+                return
+            self._publish_status(d)
+        self._publish_markers(d)
+        self._publish_diagnostics(d)
+
+    def _publish_markers(self, d: Decision) -> None:
+        stamp = self.get_clock().now().to_msg()
+        colour = ColorRGBA(a=1.0)
+        colour.r, colour.g, colour.b = STATE_COLOURS[d.state]
+        markers = []
+        lo, hi = np.asarray(self.config.workspace_min), np.asarray(self.config.workspace_max)
+        box = Marker(ns='workspace', id=0, type=Marker.LINE_LIST, action=Marker.ADD)
+        corners = [np.array([x, y, z]) for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
+                   for z in (lo[2], hi[2])]
+        for i, a in enumerate(corners):
+            for b in corners[i + 1:]:
+                if np.count_nonzero(a != b) == 1:
+                    box.points += [Point(x=float(a[0]), y=float(a[1]), z=float(a[2])),
+                                   Point(x=float(b[0]), y=float(b[1]), z=float(b[2]))]
+        box.scale.x, box.color = 0.005, colour
+        markers.append(box)
+        if self._ee_position is not None:
+            p = self._ee_position
+            tip = p + d.applied_delta[:3] * 5.0  # exaggerated for visibility
+            arrow = Marker(ns='command', id=1, type=Marker.ARROW, action=Marker.ADD)
+            arrow.points = [Point(x=float(p[0]), y=float(p[1]), z=float(p[2])),
+                            Point(x=float(tip[0]), y=float(tip[1]), z=float(tip[2]))]
+            arrow.scale.x, arrow.scale.y, arrow.scale.z = 0.01, 0.02, 0.02
+            arrow.color = colour
+            text = Marker(ns='state', id=2, type=Marker.TEXT_VIEW_FACING, action=Marker.ADD)
+            text.pose.position = Point(x=float(p[0]), y=float(p[1]), z=float(p[2]) + 0.15)
+            text.scale.z, text.color = 0.04, colour
+            text.text = f'{d.state.name}: {self.limiter.instruction or "-"}'[:120]
+            markers += [arrow, text]
+        for m in markers:
+            m.header.stamp, m.header.frame_id = stamp, self.frame_id
+        self._marker_pub.publish(MarkerArray(markers=markers))
+
+    def _publish_diagnostics(self, d: Decision) -> None:
+        level = {SafetyState.ESTOP: DiagnosticStatus.ERROR,
+                 SafetyState.STOPPED: DiagnosticStatus.WARN}.get(d.state, DiagnosticStatus.OK)
+        status = DiagnosticStatus(name=f'{self.get_fully_qualified_name()}: limiter',
+                                  level=level, message=f'{d.state.name}: {d.reason}'[:500],
+                                  hardware_id=self.frame_id)
+        status.values = [KeyValue(key='episode_id', value=str(d.episode_id)),
+                         KeyValue(key='step_count', value=str(d.step_count)),
+                         KeyValue(key='vla_alive', value=str(self._vla_alive))]
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self._diag_pub.publish(array)
+
+    def _audit_write(self, d: Decision, always: bool = False) -> None:
+        if self._audit is not None and (always or d.transition):
+            self._audit.write(json.dumps(d.to_record()) + '\n')
+            self._audit.flush()
+
+    def destroy_node(self) -> None:
+        """Close the audit log, then destroy the node."""
+        if self._audit is not None:
+            self._audit.close()
+            self._audit = None
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the safety node on a multi-threaded executor (e-stop in its own callback group)."""
+    rclpy.init(args=args)
+    node = SafetyNode()
+    executor = MultiThreadedExecutor(num_threads=3)
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        with contextlib.suppress(Exception), node._lock:  # a last zero command, if DDS is up
+            node._publish(node.limiter.estop(node._now(), 'safety node shutting down'))
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == '__main__':
+    main()
