@@ -1,0 +1,256 @@
+"""VLA node: ``Observation`` -> OpenVLA -> ``VlaAction``, inference off the executor thread.
+
+A lifecycle node (it holds a GPU): the model is loaded in ``on_configure`` (a failure leaves the
+node alive and unconfigured, the reason in ``/diagnostics``, nothing published), inference runs
+in ``on_activate`` .. ``on_deactivate``, memory is freed in ``on_cleanup``. With ``autostart``
+(default) it configures and activates itself, so plain ``ros2 run`` and the runner need no
+lifecycle manager.
+
+The observation callback only writes a size-1 drop-oldest buffer; one worker thread always takes
+the freshest observation, runs the policy and publishes one ``VlaAction`` stamped with the frame's
+stamp. A new episode id resets the policy. Topics (relative): in ``observation``; out ``action``
+(reliable, depth 1, liveliness AUTOMATIC so the safety node sees a dead process) and
+``diagnostics``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.duration import Duration
+from rclpy.executors import ExternalShutdownException
+from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
+from rclpy.qos import HistoryPolicy, LivelinessPolicy, QoSProfile, ReliabilityPolicy
+
+from vla_ros.core.buffer import LatestBuffer
+from vla_ros.core.errors import VlaRosError
+from vla_ros.core.image import decode_image
+from vla_ros.msg import Observation, VlaAction
+from vla_ros.nodes.params import Param, declare
+
+#: Liveliness lease of the action stream [s]: the safety node treats a silent writer as dead.
+LIVELINESS_LEASE = 0.5
+
+ACTION_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
+                        reliability=ReliabilityPolicy.RELIABLE,
+                        liveliness=LivelinessPolicy.AUTOMATIC,
+                        liveliness_lease_duration=Duration(seconds=LIVELINESS_LEASE))
+OBSERVATION_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
+                             reliability=ReliabilityPolicy.RELIABLE)
+
+PARAMS = (
+    Param('model_path', '', 'OpenVLA checkpoint directory; empty = embedded tiny checkpoint '
+          '(wiring demo only).', read_only=True),
+    Param('unnorm_key', '', 'Dataset statistics used to un-normalize actions.', read_only=True),
+    Param('device', 'auto', 'auto | cpu | cuda | cuda:N.', read_only=True),
+    Param('dtype', 'auto', 'auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float16 | float32.',
+          read_only=True),
+    Param('quantization', 'none', 'none | int8 | nf4 | fp4 | int4_fast (GPU only).',
+          read_only=True),
+    Param('engine', 'auto', 'auto (fast on GPU, plain on CPU) | fast | plain.', read_only=True),
+    Param('lora_path', '', 'Optional peft LoRA adapter directory.', read_only=True),
+    Param('merge_lora', False, 'Merge the LoRA adapter into the weights after loading.',
+          read_only=True),
+    Param('constrain_actions', True, 'Restrict decoding to the 256 action tokens.',
+          read_only=True),
+    Param('max_observation_age', 1.0, 'Observations older than this are skipped [s].', 0.01,
+          30.0),
+    Param('autostart', True, 'Configure and activate on start-up.', read_only=True),
+)
+
+
+class VlaNode(LifecycleNode):
+    """Runs the policy on the freshest observation and publishes its action."""
+
+    def __init__(self) -> None:
+        super().__init__('vla_node')
+        self.p = declare(self, PARAMS)
+        self.policy = None
+        self.load_error = ''
+        self._observations: LatestBuffer[Observation] = LatestBuffer()
+        self._active = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._episode_id: int | None = None
+        self._latencies: list[float] = []
+        self.actions_published = 0
+        self._tmpdir: tempfile.TemporaryDirectory | None = None
+        self._action_pub = self.create_publisher(VlaAction, 'action', ACTION_QOS)
+        self._diag_pub = self.create_publisher(DiagnosticArray, 'diagnostics', 10)
+        self.create_subscription(Observation, 'observation', self._observations.put,
+                                 OBSERVATION_QOS)
+        self.create_timer(1.0, self._publish_diagnostics)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def on_configure(self, state: State) -> TransitionCallbackReturn:
+        """Load the checkpoint; on failure stay unconfigured and say why in diagnostics."""
+        try:
+            self.policy = self._load_policy()
+        except (VlaRosError, OSError, RuntimeError, ImportError, ValueError) as exc:
+            self.load_error = f'{type(exc).__name__}: {exc}'
+            self.get_logger().error(f'model load failed, publishing nothing: {self.load_error}')
+            self._publish_diagnostics()
+            return TransitionCallbackReturn.FAILURE
+        self.load_error = ''
+        self.get_logger().info(f'policy loaded: {self.policy!r}')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: State) -> TransitionCallbackReturn:
+        """Start the inference worker."""
+        self._observations.clear()
+        self._active.set()
+        self._worker = threading.Thread(target=self._run, name='vla_inference', daemon=True)
+        self._worker.start()
+        self.get_logger().info('vla node active')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state: State) -> TransitionCallbackReturn:
+        """Stop the inference worker (a running inference finishes, its output is dropped)."""
+        self._stop_worker()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state: State) -> TransitionCallbackReturn:
+        """Free the model (and GPU memory)."""
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: State) -> TransitionCallbackReturn:
+        """Stop and free everything."""
+        self._stop_worker()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    # -- model -----------------------------------------------------------------------------
+    def _load_policy(self):  # noqa: ANN202 - torch types stay lazy
+        from vla_ros.policy.policy import OpenVLAPolicy
+
+        path = str(self.p['model_path'])
+        unnorm_key = str(self.p['unnorm_key']) or None
+        if not path:
+            from vla_ros.policy.tiny import write_tiny_checkpoint
+            self._tmpdir = tempfile.TemporaryDirectory(prefix='vla_ros_tiny_')
+            path = str(write_tiny_checkpoint(Path(self._tmpdir.name) / 'tiny'))
+            unnorm_key = unnorm_key or 'bridge_orig'
+            self.get_logger().warning('no model_path: using the embedded tiny checkpoint '
+                                   '(random weights, for wiring demos only)')
+        device = str(self.p['device'])
+        if device == 'auto':
+            import torch
+            device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        engine = str(self.p['engine'])
+        if engine == 'auto':
+            engine = 'fast' if device.startswith('cuda') else 'plain'
+        dtype = None if self.p['dtype'] == 'auto' else str(self.p['dtype'])
+        quant = None if self.p['quantization'] == 'none' else str(self.p['quantization'])
+        return OpenVLAPolicy.from_pretrained(
+            path, unnorm_key=unnorm_key, device=device, dtype=dtype,
+            constrain_actions=bool(self.p['constrain_actions']),
+            lora_path=str(self.p['lora_path']) or None, merge_lora=bool(self.p['merge_lora']),
+            quantization=quant, engine=engine)
+
+    def _release(self) -> None:
+        self.policy = None
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+        try:
+            import torch
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+    # -- inference worker ------------------------------------------------------------------
+    def _stop_worker(self) -> None:
+        self._active.clear()
+        if self._worker is not None:
+            self._worker.join(timeout=30.0)
+            self._worker = None
+
+    def _run(self) -> None:
+        while self._active.is_set() and rclpy.ok(context=self.context):
+            obs = self._observations.take(timeout=0.1)
+            if obs is None or not self._active.is_set():
+                continue
+            try:
+                self._infer(obs)
+            except Exception as exc:  # noqa: BLE001 - inference must never kill the node
+                self.get_logger().error(f'inference failed, no action published: {exc}\n'
+                                        f'{traceback.format_exc(limit=3)}',
+                                        throttle_duration_sec=2.0)
+
+    def _infer(self, obs: Observation) -> None:
+        age = (self.get_clock().now() - rclpy.time.Time.from_msg(obs.header.stamp)).nanoseconds
+        if obs.header.stamp.sec and age * 1e-9 > float(self.p['max_observation_age']):
+            self.get_logger().warning(f'skipping an observation {age * 1e-9:.2f} s old',
+                                   throttle_duration_sec=2.0)
+            return
+        if obs.episode_id != self._episode_id:
+            self._episode_id = obs.episode_id
+            self.policy.reset()
+        image = decode_image(obs.image.data, obs.image.height, obs.image.width,
+                             obs.image.encoding, obs.image.step)
+        start = time.perf_counter()
+        out = self.policy.predict(image, obs.instruction)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        if not self._active.is_set():
+            return
+        msg = VlaAction()
+        msg.header = obs.header
+        msg.episode_id = obs.episode_id
+        msg.delta = np.asarray(out.action, dtype=np.float64)
+        msg.normalized = np.asarray(out.normalized, dtype=np.float64)
+        msg.token_ids = np.asarray(out.token_ids, dtype=np.int32)
+        msg.inference_ms = float(out.timings.get('total', elapsed_ms))
+        msg.instruction = obs.instruction
+        self._action_pub.publish(msg)
+        self.actions_published += 1
+        self._latencies = (self._latencies + [msg.inference_ms])[-50:]
+
+    # -- diagnostics -----------------------------------------------------------------------
+    def _publish_diagnostics(self) -> None:
+        status = DiagnosticStatus(name=f'{self.get_fully_qualified_name()}: policy',
+                                  hardware_id=str(self.p['model_path']) or 'embedded-tiny')
+        if self.load_error:
+            status.level, status.message = DiagnosticStatus.ERROR, self.load_error[:500]
+        elif self.policy is None:
+            status.level, status.message = DiagnosticStatus.WARN, 'model not loaded'
+        else:
+            status.level = DiagnosticStatus.OK
+            status.message = 'running' if self._active.is_set() else 'loaded, inactive'
+        lat = np.median(self._latencies) if self._latencies else float('nan')
+        status.values = [KeyValue(key='actions_published', value=str(self.actions_published)),
+                         KeyValue(key='median_inference_ms', value=f'{lat:.1f}'),
+                         KeyValue(key='dropped_observations',
+                                  value=str(self._observations.dropped))]
+        array = DiagnosticArray()
+        array.header.stamp = self.get_clock().now().to_msg()
+        array.status = [status]
+        self._diag_pub.publish(array)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the VLA node; with autostart it configures and activates itself."""
+    rclpy.init(args=args)
+    node = VlaNode()
+    try:
+        if node.p['autostart']:
+            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+                node.trigger_activate()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node._stop_worker()
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == '__main__':
+    main()
