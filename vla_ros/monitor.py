@@ -1,0 +1,214 @@
+"""Operator side of the graph: instruction publishing, e-stop/reset calls and a live status line.
+
+Used by ``vla-ros`` (instruct, estop, reset, status, and the status lines of bringup). It is a
+plain rclpy node in the caller's process, on the caller's DDS domain.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+STATE_NAMES = {0: 'IDLE', 1: 'ACTIVE', 2: 'STOPPED', 3: 'DONE', 4: 'ESTOP'}
+
+
+def _latched_qos():  # noqa: ANN202 - lazy rclpy import
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    return QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+class _Rate:
+    """Messages per second over a sliding window."""
+
+    def __init__(self, window: float = 3.0) -> None:
+        self._times: collections.deque[float] = collections.deque()
+        self._window = window
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        self._times.append(now)
+        while self._times and now - self._times[0] > self._window:
+            self._times.popleft()
+
+    def hz(self) -> float:
+        now = time.monotonic()
+        while self._times and now - self._times[0] > self._window:
+            self._times.popleft()
+        if len(self._times) < 2:
+            return 0.0
+        return (len(self._times) - 1) / max(self._times[-1] - self._times[0], 1e-6)
+
+
+class Monitor:
+    """Subscribes to the graph's outputs and prints one status line per period."""
+
+    def __init__(self, namespace: str = 'vla', *, instruction: str | None = None,
+                 joint_states_topic: str = '/joint_states', camera_topic: str | None = None,
+                 save_frames: str | None = None, period: float = 1.0) -> None:
+        import rclpy
+        from geometry_msgs.msg import TwistStamped
+        from rclpy.context import Context
+        from sensor_msgs.msg import Image, JointState
+        from std_msgs.msg import String
+
+        from vla_ros.msg import Observation, SafetyStatus, VlaAction
+
+        self._ctx = Context()
+        rclpy.init(context=self._ctx)
+        ns = '/' + namespace.strip('/')
+        self.node = rclpy.create_node('vla_ros_monitor', context=self._ctx)
+        self._executor = rclpy.executors.SingleThreadedExecutor(context=self._ctx)
+        self._executor.add_node(self.node)
+        self._spinner = threading.Thread(target=self._spin, daemon=True)
+        self.rates = {k: _Rate() for k in ('obs', 'action', 'twist', 'joints')}
+        self.latency_ms: collections.deque[float] = collections.deque(maxlen=20)
+        self.status: SafetyStatus | None = None
+        self.joint_positions: np.ndarray | None = None
+        self.last_twist = np.zeros(6)
+        self._period = period
+        self._next_print = time.monotonic() + period
+        self._save_dir = Path(save_frames) if save_frames else None
+        self._next_save = 0.0
+        self._frames_saved = 0
+
+        qos = 10
+        self.node.create_subscription(SafetyStatus, f'{ns}/safety_status', self._on_status,
+                                      _latched_qos())
+        self.node.create_subscription(VlaAction, f'{ns}/action', self._on_action, qos)
+        self.node.create_subscription(Observation, f'{ns}/observation',
+                                      lambda _m: self.rates['obs'].tick(), qos)
+        self.node.create_subscription(TwistStamped, '/servo_node/delta_twist_cmds',
+                                      self._on_twist, qos)
+        self.node.create_subscription(JointState, joint_states_topic, self._on_joints, qos)
+        if self._save_dir is not None and camera_topic:
+            self._save_dir.mkdir(parents=True, exist_ok=True)
+            self.node.create_subscription(Image, camera_topic, self._on_image, 1)
+        self._instruction_pub = None
+        if instruction:
+            self._instruction_pub = self.node.create_publisher(String, f'{ns}/instruction',
+                                                               _latched_qos())
+            self._instruction_pub.publish(String(data=instruction))
+            print(f'[monitor] instruction: {instruction!r}', flush=True)
+        self._spinner.start()
+
+    def _spin(self) -> None:
+        import contextlib
+        with contextlib.suppress(Exception):  # ends when the context shuts down
+            self._executor.spin()
+
+    def _on_status(self, msg) -> None:  # noqa: ANN001
+        if self.status is None or msg.state != self.status.state or msg.reason != \
+                self.status.reason:
+            print(f'[monitor] safety: {STATE_NAMES.get(msg.state, msg.state)} ({msg.reason})',
+                  flush=True)
+        self.status = msg
+
+    def _on_action(self, msg) -> None:  # noqa: ANN001
+        self.rates['action'].tick()
+        self.latency_ms.append(float(msg.inference_ms))
+
+    def _on_twist(self, msg) -> None:  # noqa: ANN001
+        self.rates['twist'].tick()
+        t = msg.twist
+        self.last_twist = np.array([t.linear.x, t.linear.y, t.linear.z,
+                                    t.angular.x, t.angular.y, t.angular.z])
+
+    def _on_joints(self, msg) -> None:  # noqa: ANN001
+        self.rates['joints'].tick()
+        self.joint_positions = np.asarray(msg.position, dtype=float)
+
+    def _on_image(self, msg) -> None:  # noqa: ANN001
+        now = time.monotonic()
+        if now < self._next_save or self._save_dir is None:
+            return
+        self._next_save = now + 1.0
+        from PIL import Image as PilImage
+
+        from vla_ros.core.image import decode_image
+        try:
+            rgb = decode_image(msg.data, msg.height, msg.width, msg.encoding, msg.step)
+        except Exception:  # noqa: BLE001 - a bad frame must not stop the monitor
+            return
+        PilImage.fromarray(rgb).save(self._save_dir / f'frame_{self._frames_saved:04d}.png')
+        self._frames_saved += 1
+
+    def line(self) -> str:
+        """One status line: rates, latency, safety state, commanded speed, joints."""
+        state = 'unknown' if self.status is None else STATE_NAMES.get(self.status.state, '?')
+        lat = f'{np.median(self.latency_ms):.1f} ms' if self.latency_ms else '-'
+        speed = np.linalg.norm(self.last_twist[:3])
+        joints = '-' if self.joint_positions is None else np.array2string(
+            self.joint_positions, precision=2, suppress_small=True, max_line_width=200)
+        return (f'[status] safety {state} | obs {self.rates["obs"].hz():.1f} Hz | actions '
+                f'{self.rates["action"].hz():.1f} Hz, inference {lat} | twist '
+                f'{self.rates["twist"].hz():.0f} Hz, |v| {speed:.3f} m/s | joints {joints}')
+
+    def spin_once(self, timeout: float = 0.0) -> None:
+        """Wait ``timeout`` s (callbacks run in the monitor's thread); print the line when due."""
+        if timeout > 0:
+            time.sleep(timeout)
+        if time.monotonic() >= self._next_print:
+            self._next_print = time.monotonic() + self._period
+            print(self.line(), flush=True)
+
+    def close(self) -> None:
+        """Destroy the node and shut down its context."""
+        import rclpy
+        self._executor.shutdown(timeout_sec=1.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self._ctx)
+        self._spinner.join(timeout=1.0)
+
+
+def publish_instruction(namespace: str, text: str, timeout: float = 10.0) -> int:
+    """Publish ``text`` latched on <ns>/instruction; wait for a subscriber to match."""
+    import rclpy
+    from std_msgs.msg import String
+    rclpy.init()
+    node = rclpy.create_node('vla_ros_instruct')
+    try:
+        pub = node.create_publisher(String, f'/{namespace.strip("/")}/instruction',
+                                    _latched_qos())
+        pub.publish(String(data=text))
+        deadline = time.monotonic() + timeout
+        while pub.get_subscription_count() == 0 and time.monotonic() < deadline:
+            rclpy.spin_once(node, timeout_sec=0.05)
+        matched = pub.get_subscription_count() > 0
+        # Stay up a moment so the transient-local sample reaches late joiners too.
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            rclpy.spin_once(node, timeout_sec=0.05)
+        print(f'instruction published{"" if matched else " (no subscriber yet)"}: {text!r}')
+        return 0 if matched else 1
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+def call_trigger(namespace: str, which: str, timeout: float = 10.0) -> int:
+    """Call the safety node's ``~/estop`` or ``~/reset`` (std_srvs/Trigger)."""
+    import rclpy
+    from std_srvs.srv import Trigger
+    rclpy.init()
+    node = rclpy.create_node('vla_ros_trigger')
+    try:
+        client = node.create_client(Trigger, f'/{namespace.strip("/")}/safety_node/{which}')
+        if not client.wait_for_service(timeout_sec=timeout):
+            print(f'service {client.srv_name} not available after {timeout} s')
+            return 1
+        future = client.call_async(Trigger.Request())
+        rclpy.spin_until_future_complete(node, future, timeout_sec=timeout)
+        result = future.result()
+        if result is None:
+            print(f'{which}: no answer within {timeout} s')
+            return 1
+        print(f'{which}: {"ok" if result.success else "refused"}: {result.message}')
+        return 0 if result.success else 1
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
