@@ -58,7 +58,7 @@ class SafetyHarness:
                                       lambda m: self._keep(self.grippers, m), 10)
         self.estop_client = self.node.create_client(Trigger, f'{ns}/safety_node/estop')
         self.reset_client = self.node.create_client(Trigger, f'{ns}/safety_node/reset')
-        self.executor = rclpy.executors.MultiThreadedExecutor(num_threads=2, context=ctx)
+        self.executor = rclpy.executors.SingleThreadedExecutor(context=ctx)
         self.executor.add_node(self.node)
         self._thread = threading.Thread(target=self.executor.spin, daemon=True)
         self._thread.start()
