@@ -141,3 +141,29 @@ def test_bad_actions_give_a_safe_state_and_huge_ones_are_limited(graph) -> None:
     h.action([float('inf')] * 7)
     assert h.wait_state(SafetyStatus.STATE_STOPPED)
     assert safety.alive()
+
+
+def test_stop_detection_done_after_exactly_n_still_actions_and_rearm(graph) -> None:  # noqa: ANN001
+    safety, h = graph
+    still = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    _activate(h, still)
+    assert h.wait_status(lambda s: s.step_count == 1), safety.output
+    # Still actions count once the gripper command has settled (debounce); DONE comes with the
+    # 10th consecutive still action (still_count = 10), not one earlier.
+    step = 1
+    while h.last_status().still_count < 9:
+        step += 1
+        assert step < 20, h.last_status()
+        h.action(still)
+        assert h.wait_status(lambda s, n=step: s.step_count == n), h.last_status()
+        assert h.last_status().state == SafetyStatus.STATE_ACTIVE, h.last_status().reason
+    h.action(still)  # the 10th still action
+    assert h.wait_state(SafetyStatus.STATE_DONE, timeout=2.0), h.last_status().reason
+    assert h.last_status().still_count == 10
+    t = h.now_ns()
+    h.action([0.01, 0, 0, 0, 0, 0, 1.0])  # motion after DONE needs a new instruction
+    time.sleep(0.3)
+    assert _all_zero_after(h, t) and h.last_status().state == SafetyStatus.STATE_DONE
+    t = _activate(h, [0.01, 0, 0, 0, 0, 0, 1.0])  # a new instruction re-arms
+    assert h.first_twist_after(t, lambda v: not _zero(v), timeout=2.0) is not None
+    assert h.wait_state(SafetyStatus.STATE_ACTIVE)

@@ -177,7 +177,7 @@ class SafetyNode(Node):
             self.limiter.on_camera_frame(stamp, now)
             decision = self.limiter.on_action(np.asarray(msg.delta), closed, msg.episode_id,
                                               stamp, now)
-            self._publish(decision)
+            self._publish(decision, force_status=True)  # operators see every action's limits
         self._audit_write(decision, always=True)
 
     def _on_joint_state(self, msg: JointState) -> None:

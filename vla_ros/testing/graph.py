@@ -131,25 +131,23 @@ class SafetyHarness:
         with self._lock:
             return self.statuses[-1].msg if self.statuses else None
 
-    def wait_state(self, state: int, timeout: float = 5.0) -> bool:
-        """Wait until the newest status has ``state``."""
+    def wait_status(self, pred, timeout: float = 5.0) -> bool:  # noqa: ANN001
+        """Wait until ``pred(newest status)`` holds."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             s = self.last_status()
-            if s is not None and s.state == state:
+            if s is not None and pred(s):
                 return True
             time.sleep(0.005)
         return False
 
+    def wait_state(self, state: int, timeout: float = 5.0) -> bool:
+        """Wait until the newest status has ``state``."""
+        return self.wait_status(lambda s: s.state == state, timeout)
+
     def wait_reason(self, text: str, timeout: float = 5.0) -> bool:
         """Wait until the newest status reason contains ``text``."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            s = self.last_status()
-            if s is not None and text in s.reason:
-                return True
-            time.sleep(0.005)
-        return False
+        return self.wait_status(lambda s: text in s.reason, timeout)
 
     def now_ns(self) -> int:
         """ROS time now [ns] (the clock the safety node stamps its twists with)."""
