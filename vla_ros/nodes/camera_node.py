@@ -133,7 +133,7 @@ class CameraNode(Node):
         msg, received = item
         age = self._frame_age(msg, received)
         if age > self._max_age or age < -self._max_age:
-            self.get_logger().warn(
+            self.get_logger().warning(
                 f'dropping a frame {age:.3f} s old (max_frame_age {self._max_age} s)',
                 throttle_duration_sec=2.0)
             return

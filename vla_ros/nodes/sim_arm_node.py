@@ -96,7 +96,7 @@ class SimArmNode(Node):
         try:
             task = task_for_instruction(msg.data)
         except VlaRosError as exc:
-            self.get_logger().warn(f'keeping task {self.world.task.name}: {exc}')
+            self.get_logger().warning(f'keeping task {self.world.task.name}: {exc}')
             task = self.world.task
         self._seed += 1
         self.world.reset(self._seed, task)
