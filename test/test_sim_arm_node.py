@@ -44,8 +44,12 @@ def test_twists_move_the_arm_and_it_holds_and_renders(domain_id: int) -> None:
                 ex.spin_once(timeout_sec=0.02)
 
         assert proc.wait_for_output('sim arm ready', 20), proc.output
-        spin(1.5)
+        deadline = time.monotonic() + 20
+        while not (poses and joints and images) and time.monotonic() < deadline:
+            spin(0.1)
         assert poses and joints and images, proc.output
+        assert twist_pub.get_subscription_count() and grip_pub.get_subscription_count()
+        spin(0.5)
         assert images[-1].width == images[-1].height == 224 and images[-1].encoding == 'rgb8'
         assert len(joints[-1].name) == 7 and all(np.isfinite(joints[-1].position))
         x0 = poses[-1].pose.position.x

@@ -16,10 +16,8 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import rclpy
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
-from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy)
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.time import Time
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
@@ -30,6 +28,7 @@ from vla_ros.core.image import ImageConfig, decode_image, encode_image, preproce
 from vla_ros.core.prompt import build_prompt
 from vla_ros.msg import Observation
 from vla_ros.nodes.params import Param, declare
+from vla_ros.nodes.runtime import run_node
 
 SENSOR_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
                         reliability=ReliabilityPolicy.BEST_EFFORT,
@@ -165,16 +164,8 @@ def _to_image_msg(rgb: np.ndarray, header) -> Image:  # noqa: ANN001 - std_msgs/
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run the camera node until interrupted."""
-    rclpy.init(args=args)
-    node = CameraNode()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    """Run the camera node until SIGINT/SIGTERM."""
+    run_node(CameraNode, args)
 
 
 if __name__ == '__main__':

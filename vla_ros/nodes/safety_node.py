@@ -1,14 +1,16 @@
-"""Safety node: the only path to the arm. Feeds ``vla_ros.core.safety.SafetyLimiter`` and publishes
-what it decides: the limited twist (or a pose target) at the output rate, the gripper command,
-``SafetyStatus`` on every transition (latched), ``/diagnostics``, rviz markers and a JSON-lines
-audit log.
+"""Safety node: the only path to the arm, feeding ``vla_ros.core.safety.SafetyLimiter``.
+
+It publishes what the limiter decides: the limited twist (or a pose target) at the output rate,
+the gripper command, ``SafetyStatus`` on every transition and action (latched),
+``/diagnostics``, rviz markers and a JSON-lines audit log.
 
 Wiring only; every rule lives in the pure limiter. The e-stop (topic and service) publishes the
 zero twist from its own callback rather than waiting for the output timer, and keeps its own
-callback group should the node be put in a multi-threaded executor. Times passed to the limiter are the
-node clock in seconds; an action's camera stamp is its header stamp (the frame it came from), so
-a stale frame stops the arm even while actions keep arriving. A dead VLA process is seen through
-the action stream's DDS liveliness: the heartbeat stops, then the limiter stops the arm.
+callback group should the node be put in a multi-threaded executor. Times passed to the limiter
+are the node clock in seconds; an action's camera stamp is its header stamp (the frame it came
+from), so a stale frame stops the arm even while actions keep arriving. A dead VLA process is
+seen through the action stream's DDS liveliness: the heartbeat stops, then the limiter stops the
+arm.
 
 Topics (relative; the bringup remaps the external ones): in ``action`` (vla_ros/VlaAction),
 ``instruction`` (std_msgs/String, latched), ``estop`` (std_msgs/Bool, latched; true latches),
@@ -25,15 +27,12 @@ import json
 import re
 import threading
 from dataclasses import fields
-from pathlib import Path
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PoseStamped, TwistStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.event_handler import SubscriptionEventCallbacks
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, ColorRGBA, Float64, String
@@ -46,6 +45,7 @@ from vla_ros.core.safety import Decision, SafetyConfig, SafetyLimiter, SafetySta
 from vla_ros.msg import SafetyStatus, VlaAction
 from vla_ros.nodes.camera_node import LATCHED_QOS
 from vla_ros.nodes.params import Param, declare
+from vla_ros.nodes.runtime import run_node
 from vla_ros.nodes.vla_node import ACTION_QOS
 
 STATE_COLOURS = {
@@ -351,25 +351,19 @@ class SafetyNode(Node):
         super().destroy_node()
 
 
+def _last_zero(node: SafetyNode) -> None:
+    with contextlib.suppress(Exception), node._lock:  # a last zero command, if DDS is up
+        node._publish(node.limiter.estop(node._now(), 'safety node shutting down'))
+
+
 def main(args: list[str] | None = None) -> None:
-    """Run the safety node until interrupted; a last zero command goes out on the way down."""
-    rclpy.init(args=args)
-    node = SafetyNode()
-    # Single-threaded on purpose: measured on 2 cores, rclpy's MultiThreadedExecutor sustained
-    # only ~15 Hz output (1.8 s gaps) beside 100 Hz joint states, this one a steady 50 Hz. Every
-    # callback here is well under a millisecond, so an e-stop waits for at most one of them.
-    executor = rclpy.executors.SingleThreadedExecutor()
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        with contextlib.suppress(Exception), node._lock:  # a last zero command, if DDS is up
-            node._publish(node.limiter.estop(node._now(), 'safety node shutting down'))
-        executor.shutdown(timeout_sec=1.0)
-        node.destroy_node()
-        rclpy.try_shutdown()
+    """Run the safety node until SIGINT/SIGTERM; a last zero command goes out on the way down.
+
+    Single-threaded on purpose: measured on 2 cores, rclpy's MultiThreadedExecutor sustained
+    only ~15 Hz output (1.8 s gaps) beside 100 Hz joint states, this one a steady 50 Hz. Every
+    callback here is well under a millisecond, so an e-stop waits for at most one of them.
+    """
+    run_node(SafetyNode, args, on_stop=_last_zero)
 
 
 if __name__ == '__main__':

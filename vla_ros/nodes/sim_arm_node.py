@@ -15,9 +15,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import rclpy
 from geometry_msgs.msg import PoseStamped, TwistStamped
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, Float64, String
@@ -26,6 +24,7 @@ from vla_ros.core.errors import VlaRosError
 from vla_ros.core.image import encode_image
 from vla_ros.nodes.camera_node import LATCHED_QOS, SENSOR_QOS
 from vla_ros.nodes.params import Param, declare
+from vla_ros.nodes.runtime import run_node
 from vla_ros.sim.scene import Camera
 from vla_ros.sim.tasks import TASKS, World, task_for_instruction
 
@@ -143,16 +142,8 @@ class SimArmNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run the simulated arm until interrupted."""
-    rclpy.init(args=args)
-    node = SimArmNode()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    """Run the simulated arm until SIGINT/SIGTERM."""
+    run_node(SimArmNode, args)
 
 
 if __name__ == '__main__':

@@ -25,7 +25,6 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.duration import Duration
-from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, LivelinessPolicy, QoSProfile, ReliabilityPolicy
 
@@ -34,6 +33,7 @@ from vla_ros.core.errors import VlaRosError
 from vla_ros.core.image import decode_image
 from vla_ros.msg import Observation, VlaAction
 from vla_ros.nodes.params import Param, declare
+from vla_ros.nodes.runtime import run_node
 
 #: Liveliness lease of the action stream [s]: the safety node treats a silent writer as dead.
 LIVELINESS_LEASE = 0.5
@@ -235,21 +235,14 @@ class VlaNode(LifecycleNode):
         self._diag_pub.publish(array)
 
 
+def _autostart(node: VlaNode) -> None:
+    if node.p['autostart'] and node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+        node.trigger_activate()
+
+
 def main(args: list[str] | None = None) -> None:
-    """Run the VLA node; with autostart it configures and activates itself."""
-    rclpy.init(args=args)
-    node = VlaNode()
-    try:
-        if node.p['autostart']:
-            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-                node.trigger_activate()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node._stop_worker()
-        node.destroy_node()
-        rclpy.try_shutdown()
+    """Run the VLA node until SIGINT/SIGTERM; with autostart it configures and activates."""
+    run_node(VlaNode, args, on_start=_autostart, on_stop=lambda node: node._stop_worker())
 
 
 if __name__ == '__main__':

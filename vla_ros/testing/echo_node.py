@@ -6,12 +6,11 @@ intact; run with ``python -m vla_ros.testing.echo_node``.
 
 from __future__ import annotations
 
-import rclpy
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
 from vla_ros.msg import Observation, VlaAction
+from vla_ros.nodes.runtime import run_node
 
 
 class EchoNode(Node):
@@ -28,16 +27,8 @@ class EchoNode(Node):
 
 
 def main() -> None:
-    """Run the echo node until interrupted."""
-    rclpy.init()
-    node = EchoNode()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    """Run the echo node until SIGINT/SIGTERM."""
+    run_node(EchoNode)
 
 
 if __name__ == '__main__':
