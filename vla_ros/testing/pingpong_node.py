@@ -33,7 +33,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
