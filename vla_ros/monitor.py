@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 STATE_NAMES = {0: 'IDLE', 1: 'ACTIVE', 2: 'STOPPED', 3: 'DONE', 4: 'ESTOP'}
+#: Nodes that must hold the instruction before ``vla-ros instruct`` returns success.
+INSTRUCTION_READERS = ('camera_node', 'safety_node')
 
 
 def _latched_qos():  # noqa: ANN202 - lazy rclpy import
@@ -48,19 +50,21 @@ class Monitor:
     """Subscribes to the graph's outputs and prints one status line per period."""
 
     def __init__(self, namespace: str = 'vla', *, instruction: str | None = None,
-                 joint_states_topic: str = '/joint_states', camera_topic: str | None = None,
-                 save_frames: str | None = None, period: float = 1.0) -> None:
+                 joint_states_topic: str = '/joint_states',
+                 twist_topic: str = '/servo_node/delta_twist_cmds',
+                 camera_topic: str | None = None, save_frames: str | None = None,
+                 period: float = 1.0, quiet: bool = False) -> None:
         import rclpy
         from geometry_msgs.msg import TwistStamped
         from rclpy.context import Context
         from sensor_msgs.msg import Image, JointState
         from std_msgs.msg import String
 
+        from vla_ros.bringup import ns_topic
         from vla_ros.msg import Observation, SafetyStatus, VlaAction
 
         self._ctx = Context()
         rclpy.init(context=self._ctx)
-        ns = '/' + namespace.strip('/')
         self.node = rclpy.create_node('vla_ros_monitor', context=self._ctx)
         self._executor = rclpy.executors.SingleThreadedExecutor(context=self._ctx)
         self._executor.add_node(self.node)
@@ -71,27 +75,28 @@ class Monitor:
         self.joint_positions: np.ndarray | None = None
         self.last_twist = np.zeros(6)
         self._period = period
+        self._quiet = quiet
         self._next_print = time.monotonic() + period
         self._save_dir = Path(save_frames) if save_frames else None
         self._next_save = 0.0
         self._frames_saved = 0
 
         qos = 10
-        self.node.create_subscription(SafetyStatus, f'{ns}/safety_status', self._on_status,
-                                      _latched_qos())
-        self.node.create_subscription(VlaAction, f'{ns}/action', self._on_action, qos)
-        self.node.create_subscription(Observation, f'{ns}/observation',
+        self.node.create_subscription(SafetyStatus, ns_topic(namespace, 'safety_status'),
+                                      self._on_status, _latched_qos())
+        self.node.create_subscription(VlaAction, ns_topic(namespace, 'action'), self._on_action,
+                                      qos)
+        self.node.create_subscription(Observation, ns_topic(namespace, 'observation'),
                                       lambda _m: self.rates['obs'].tick(), qos)
-        self.node.create_subscription(TwistStamped, '/servo_node/delta_twist_cmds',
-                                      self._on_twist, qos)
+        self.node.create_subscription(TwistStamped, twist_topic, self._on_twist, qos)
         self.node.create_subscription(JointState, joint_states_topic, self._on_joints, qos)
         if self._save_dir is not None and camera_topic:
             self._save_dir.mkdir(parents=True, exist_ok=True)
             self.node.create_subscription(Image, camera_topic, self._on_image, 1)
         self._instruction_pub = None
         if instruction:
-            self._instruction_pub = self.node.create_publisher(String, f'{ns}/instruction',
-                                                               _latched_qos())
+            self._instruction_pub = self.node.create_publisher(
+                String, ns_topic(namespace, 'instruction'), _latched_qos())
             self._instruction_pub.publish(String(data=instruction))
             print(f'[monitor] instruction: {instruction!r}', flush=True)
         self._spinner.start()
@@ -152,7 +157,7 @@ class Monitor:
         """Wait ``timeout`` s (callbacks run in the monitor's thread); print the line when due."""
         if timeout > 0:
             time.sleep(timeout)
-        if time.monotonic() >= self._next_print:
+        if not self._quiet and time.monotonic() >= self._next_print:
             self._next_print = time.monotonic() + self._period
             print(self.line(), flush=True)
 
@@ -166,25 +171,46 @@ class Monitor:
 
 
 def publish_instruction(namespace: str, text: str, timeout: float = 10.0) -> int:
-    """Publish ``text`` latched on <ns>/instruction; wait for a subscriber to match."""
+    """Publish ``text`` latched on <ns>/instruction until the camera and safety nodes have it.
+
+    The sample is transient-local, but it lives only as long as this short-lived process: so
+    wait until both nodes of the namespace are discovered, every discovered reader of the topic
+    is matched, and the matched readers acknowledged the sample (it is reliable). Returning on
+    the first match would lose the instruction for a reader discovered a moment later (seen on
+    a loaded machine: the camera node had it, the safety node did not).
+    """
     import rclpy
+    from rclpy.duration import Duration
     from std_msgs.msg import String
+
+    from vla_ros.bringup import ns_topic
+    topic = ns_topic(namespace, 'instruction')
+    node_ns = '/' + namespace.strip('/')
     rclpy.init()
     node = rclpy.create_node('vla_ros_instruct')
     try:
-        pub = node.create_publisher(String, f'/{namespace.strip("/")}/instruction',
-                                    _latched_qos())
+        pub = node.create_publisher(String, topic, _latched_qos())
         pub.publish(String(data=text))
         deadline = time.monotonic() + timeout
-        while pub.get_subscription_count() == 0 and time.monotonic() < deadline:
+        missing: set[str] = set(INSTRUCTION_READERS)
+        while True:
+            readers = node.get_subscriptions_info_by_topic(topic)
+            missing = set(INSTRUCTION_READERS) - {
+                r.node_name for r in readers if r.node_namespace == node_ns}
+            if not missing and pub.get_subscription_count() >= len(readers):
+                break
+            if time.monotonic() >= deadline:
+                break
             rclpy.spin_once(node, timeout_sec=0.05)
-        matched = pub.get_subscription_count() > 0
-        # Stay up a moment so the transient-local sample reaches late joiners too.
-        end = time.monotonic() + 0.5
-        while time.monotonic() < end:
-            rclpy.spin_once(node, timeout_sec=0.05)
-        print(f'instruction published{"" if matched else " (no subscriber yet)"}: {text!r}')
-        return 0 if matched else 1
+        acked = pub.get_subscription_count() > 0 and pub.wait_for_all_acked(
+            Duration(seconds=max(0.5, deadline - time.monotonic())))
+        if missing or not acked:
+            why = f'not seen: {", ".join(sorted(missing))}' if missing else 'not acknowledged'
+            print(f'instruction published, but {why} within {timeout} s: {text!r}')
+            return 1
+        print(f'instruction delivered to {pub.get_subscription_count()} subscriber(s): '
+              f'{text!r}')
+        return 0
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
@@ -194,10 +220,12 @@ def call_trigger(namespace: str, which: str, timeout: float = 10.0) -> int:
     """Call the safety node's ``~/estop`` or ``~/reset`` (std_srvs/Trigger)."""
     import rclpy
     from std_srvs.srv import Trigger
+
+    from vla_ros.bringup import ns_topic
     rclpy.init()
     node = rclpy.create_node('vla_ros_trigger')
     try:
-        client = node.create_client(Trigger, f'/{namespace.strip("/")}/safety_node/{which}')
+        client = node.create_client(Trigger, ns_topic(namespace, f'safety_node/{which}'))
         if not client.wait_for_service(timeout_sec=timeout):
             print(f'service {client.srv_name} not available after {timeout} s')
             return 1

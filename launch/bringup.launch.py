@@ -1,0 +1,77 @@
+"""Bring up the VLA graph: camera -> VLA -> safety limiter (-> simulated arm with use_sim:=true).
+
+Every tunable is a launch argument declared from ``vla_ros.bringup.LAUNCH_ARGUMENTS``; the node
+list, parameter files and remappings come from ``vla_ros.bringup.node_specs`` -- the same list
+the pip-path runner (``vla-ros bringup``) starts, so the two cannot drift; as with the runner,
+one node exiting ends the whole bringup. Only the viewers are launch-only: rviz2 with
+``config/vla.rviz`` (rviz:=true) and, for the simulated arm, a robot_state_publisher so that
+rviz2 has the robot model and TF.
+
+    ros2 launch vla_ros bringup.launch.py model_path:=/models/openvla-7b unnorm_key:=bridge_orig
+"""
+
+from launch import LaunchDescription
+from launch.actions import (
+    DeclareLaunchArgument,
+    OpaqueFunction,
+    SetEnvironmentVariable,
+    Shutdown,
+)
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration
+from launch_ros.actions import Node
+
+from vla_ros.bringup import LAUNCH_ARGUMENTS, PACKAGE, config_dir, node_specs, resolve_arguments
+
+
+def _nodes(context, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - launch's hook
+    """Create the nodes once the argument values are known (launch calls this)."""
+    values = resolve_arguments(
+        {a.name: LaunchConfiguration(a.name).perform(context) for a in LAUNCH_ARGUMENTS})
+    namespace = values['namespace']
+    actions = []
+    for spec in node_specs(values):
+        actions.append(Node(
+            package=PACKAGE,
+            executable=spec.executable,
+            name=spec.name,
+            namespace=namespace if spec.namespaced else '',
+            # No empty override dict: it would become an empty parameter file.
+            parameters=[spec.params_file] + ([dict(spec.parameters)] if spec.parameters else []),
+            remappings=list(spec.remappings),
+            arguments=['--ros-args', '--log-level', values['log_level']],
+            output='screen',
+            emulate_tty=True,
+            # Like the runner: when one node of the graph exits, the bringup ends.
+            on_exit=Shutdown(reason=f'{spec.name} exited'),
+        ))
+    if values['rviz'] == 'true':
+        actions.append(Node(package='rviz2', executable='rviz2', name='rviz2',
+                            arguments=['-d', str(config_dir() / 'vla.rviz')], output='screen'))
+        if values['use_sim'] == 'true':  # a real arm's driver publishes its own model and TF
+            urdf = (config_dir() / 'panda.urdf').read_text(encoding='utf-8')
+            actions.append(Node(package='robot_state_publisher',
+                                executable='robot_state_publisher',
+                                name='robot_state_publisher',
+                                parameters=[{'robot_description': urdf}],
+                                remappings=[('joint_states', values['joint_states_topic'])],
+                                output='screen'))
+    return actions
+
+
+def generate_launch_description() -> LaunchDescription:
+    """Declare the arguments, select the shared-memory profile, then create the nodes."""
+    declared = [
+        DeclareLaunchArgument(a.name, default_value=a.default, description=a.description,
+                              **({'choices': list(a.choices)} if a.choices else {}))
+        for a in LAUNCH_ARGUMENTS
+    ]
+    # Like the runner: the caller's own setting wins, else the package's profile and Fast DDS.
+    shm_profile = str(config_dir() / 'fastdds_shm.xml')
+    return LaunchDescription([
+        *declared,
+        SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE', EnvironmentVariable(
+            'FASTDDS_DEFAULT_PROFILES_FILE', default_value=shm_profile)),
+        SetEnvironmentVariable('RMW_IMPLEMENTATION', EnvironmentVariable(
+            'RMW_IMPLEMENTATION', default_value='rmw_fastrtps_cpp')),
+        OpaqueFunction(function=_nodes),
+    ])

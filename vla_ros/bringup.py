@@ -1,0 +1,162 @@
+"""The node list and launch arguments, defined once for bringup.launch.py and ``vla-ros bringup``.
+
+Both launch paths read :func:`node_specs` and :data:`LAUNCH_ARGUMENTS`, so the launch file and the
+pip-path runner cannot drift: same nodes, same parameter files, same remappings. Topic names
+inside nodes are relative; everything external (camera driver, MoveIt Servo, joint states) is a
+remapping listed here. No ROS import: the runner and the tests use this without ``launch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vla_ros.core.errors import ConfigError
+
+PACKAGE = 'vla_ros'
+
+
+@dataclass(frozen=True)
+class LaunchArgument:
+    """A public launch argument: name, default (as a string, like launch) and description."""
+
+    name: str
+    default: str
+    description: str
+    choices: tuple[str, ...] = ()
+
+
+LAUNCH_ARGUMENTS: tuple[LaunchArgument, ...] = (
+    LaunchArgument('namespace', 'vla', 'Namespace of the VLA nodes (one per arm).'),
+    LaunchArgument('model_path', '',
+                   'OpenVLA checkpoint directory (HF format); empty = the embedded tiny '
+                   'checkpoint (demo only, not a trained policy).'),
+    LaunchArgument('unnorm_key', '',
+                   'Dataset whose statistics un-normalize actions (required when the checkpoint '
+                   'has several, e.g. bridge_orig).'),
+    LaunchArgument('quantization', 'none', 'Weight precision of the language model.',
+                   ('none', 'int8', 'nf4', 'fp4', 'int4_fast')),
+    LaunchArgument('device', 'auto', 'Torch device for inference (auto = cuda if available).'),
+    LaunchArgument('camera_topic', '/camera/image_raw',
+                   'sensor_msgs/Image from the camera driver.'),
+    LaunchArgument('use_sim', 'false', 'Start the simulated arm and camera instead of hardware.',
+                   ('true', 'false')),
+    LaunchArgument('rviz', 'false', 'Start rviz2 with config/vla.rviz (ROS install only).',
+                   ('true', 'false')),
+    LaunchArgument('output_mode', 'twist',
+                   'twist = TwistStamped for MoveIt Servo; pose = PoseStamped target.',
+                   ('twist', 'pose')),
+    LaunchArgument('safety_config', '',
+                   'YAML file with safety_node parameters; empty = config/safety_node.yaml.'),
+    LaunchArgument('servo_topic', '/servo_node/delta_twist_cmds',
+                   'Where the limited TwistStamped goes (MoveIt Servo input).'),
+    LaunchArgument('joint_states_topic', '/joint_states', 'sensor_msgs/JointState of the arm.'),
+    LaunchArgument('log_level', 'info', 'Log level of all nodes.',
+                   ('debug', 'info', 'warn', 'error')),
+)
+
+DEFAULTS: Mapping[str, str] = {a.name: a.default for a in LAUNCH_ARGUMENTS}
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node of the graph, as both launch paths start it."""
+
+    name: str
+    module: str
+    params_file: str
+    parameters: Mapping[str, object] = field(default_factory=dict)
+    remappings: tuple[tuple[str, str], ...] = ()
+    namespaced: bool = True
+
+    @property
+    def executable(self) -> str:
+        """Executable name installed under lib/vla_ros (REP-144: ``<role>_node``)."""
+        return self.name
+
+
+def resolve_arguments(values: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Merge ``values`` over the defaults; unknown names and bad choices raise ConfigError."""
+    merged = dict(DEFAULTS)
+    for key, value in (values or {}).items():
+        if key not in merged:
+            raise ConfigError(f'unknown launch argument {key!r}; known: {sorted(merged)}')
+        merged[key] = str(value)
+    for arg in LAUNCH_ARGUMENTS:
+        if arg.choices and merged[arg.name] not in arg.choices:
+            raise ConfigError(
+                f'launch argument {arg.name}={merged[arg.name]!r} is not one of {arg.choices}')
+    return merged
+
+
+def ns_topic(namespace: str, name: str) -> str:
+    """The absolute topic ``/<namespace>/<name>`` (``/<name>`` for an empty namespace)."""
+    ns = namespace.strip('/')
+    return f'/{ns}/{name}' if ns else f'/{name}'
+
+
+def config_dir() -> Path:
+    """The folder holding config/*.yaml: the source tree, or the installed share folder."""
+    here = Path(__file__).resolve().parent.parent / 'config'
+    if (here / 'fastdds_shm.xml').is_file():  # not any other package's ``config`` folder
+        return here
+    try:
+        from ament_index_python.packages import get_package_share_directory
+    except ImportError as exc:  # pragma: no cover - only without both layouts
+        raise ConfigError('cannot find the vla_ros config folder') from exc
+    return Path(get_package_share_directory(PACKAGE)) / 'config'
+
+
+def node_specs(values: Mapping[str, str] | None = None) -> list[NodeSpec]:
+    """The nodes to start for the given launch arguments, in start order."""
+    args = resolve_arguments(values)
+    cfg = config_dir()
+    camera_topic = args['camera_topic']
+    specs = [
+        NodeSpec('camera_node', 'vla_ros.nodes.camera_node', str(cfg / 'camera_node.yaml'),
+                 remappings=(('image', camera_topic),)),
+        NodeSpec('vla_node', 'vla_ros.nodes.vla_node', str(cfg / 'vla_node.yaml'),
+                 remappings=(('diagnostics', '/diagnostics'),),
+                 parameters={'model_path': args['model_path'], 'unnorm_key': args['unnorm_key'],
+                             'quantization': args['quantization'], 'device': args['device']}),
+        NodeSpec('safety_node', 'vla_ros.nodes.safety_node',
+                 args['safety_config'] or str(cfg / 'safety_node.yaml'),
+                 parameters={'output_mode': args['output_mode']},
+                 remappings=(('twist', args['servo_topic']),
+                             ('joint_states', args['joint_states_topic']),
+                             ('diagnostics', '/diagnostics'))),
+    ]
+    if args['use_sim'] == 'true':
+        ns = args['namespace']
+        specs.append(NodeSpec(
+            'sim_arm_node', 'vla_ros.nodes.sim_arm_node', str(cfg / 'sim_arm_node.yaml'),
+            remappings=(('image_raw', camera_topic),
+                        ('joint_states', args['joint_states_topic']),
+                        ('twist', args['servo_topic']),
+                        ('gripper_command', ns_topic(ns, 'gripper_command')),
+                        ('instruction', ns_topic(ns, 'instruction')),
+                        ('ee_pose', '/sim/ee_pose'),
+                        ('task_success', '/sim/task_success')),
+            namespaced=False))
+    return specs
+
+
+def ros_args(spec: NodeSpec, namespace: str, log_level: str = 'info') -> list[str]:
+    """Command-line ``--ros-args`` for ``spec`` (what launch_ros would pass)."""
+    out = ['--ros-args', '-r', f'__node:={spec.name}', '--log-level', log_level]
+    if spec.namespaced and namespace:
+        out += ['-r', f'__ns:=/{namespace.strip("/")}']
+    out += ['--params-file', spec.params_file]
+    for key, value in spec.parameters.items():
+        out += ['-p', f'{key}:={_param_literal(value)}']
+    for src, dst in spec.remappings:
+        out += ['-r', f'{src}:={dst}']
+    return out
+
+
+def _param_literal(value: object) -> str:
+    """A ``-p name:=value`` literal that keeps strings strings (YAML-quoted)."""
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return str(value).lower() if isinstance(value, bool) else str(value)
