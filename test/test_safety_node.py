@@ -167,3 +167,33 @@ def test_stop_detection_done_after_exactly_n_still_actions_and_rearm(graph) -> N
     t = _activate(h, [0.01, 0, 0, 0, 0, 0, 1.0])  # a new instruction re-arms
     assert h.first_twist_after(t, lambda v: not _zero(v), timeout=2.0) is not None
     assert h.wait_state(SafetyStatus.STATE_ACTIVE)
+
+
+def test_pose_mode_targets_current_tool_pose_plus_limited_delta(domain_id) -> None:  # noqa: ANN001
+    from geometry_msgs.msg import PoseStamped
+
+    args = SAFETY_ARGS + ['-p', 'output_mode:=pose', '-r', 'pose_target:=/pose_target']
+    safety = NodeProcess('vla_ros.nodes.safety_node', args, env=ros_env(domain_id))
+    sim = NodeProcess('vla_ros.nodes.sim_arm_node', SIM_ARGS, env=ros_env(domain_id))
+    with node_processes(safety, sim), rclpy_context(domain_id) as ctx:
+        h = SafetyHarness(ctx, twist_topic='/unused_twist')
+        poses: list[PoseStamped] = []
+        sim_poses: list[PoseStamped] = []
+        h.node.create_subscription(PoseStamped, '/pose_target', poses.append, 10)
+        h.node.create_subscription(PoseStamped, '/ee_pose', sim_poses.append, 10)
+        assert safety.wait_for_output('safety node ready', 30), safety.output
+        assert h.wait_joint_states(), safety.output
+        _activate(h, [0.01, 0.0, -0.005, 0.0, 0.0, 0.0, 1.0])
+        assert h.wait_state(SafetyStatus.STATE_ACTIVE), safety.output
+        time.sleep(0.1)
+        target, here = poses[-1].pose, sim_poses[-1].pose
+        # Position: the tool now + 0.05 m/s * 0.2 s in x, -0.025 m/s * 0.2 s in z (the arm is
+        # held still by Servo's absence, so "now" barely moves); orientation: unchanged.
+        assert abs(target.position.x - (here.position.x + 0.01)) < 2e-3
+        assert abs(target.position.z - (here.position.z - 0.005)) < 2e-3
+        q_t = np.array([target.orientation.x, target.orientation.y, target.orientation.z,
+                        target.orientation.w])
+        q_h = np.array([here.orientation.x, here.orientation.y, here.orientation.z,
+                        here.orientation.w])
+        assert abs(abs(float(q_t @ q_h)) - 1.0) < 1e-4, (q_t, q_h)
+        h.close()

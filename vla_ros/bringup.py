@@ -124,6 +124,7 @@ def node_specs(values: Mapping[str, str] | None = None) -> list[NodeSpec]:
                  args['safety_config'] or str(cfg / 'safety_node.yaml'),
                  parameters={'output_mode': args['output_mode']},
                  remappings=(('twist', args['servo_topic']),
+                             ('pose_target', '/servo_node/pose_target_cmds'),
                              ('joint_states', args['joint_states_topic']),
                              ('diagnostics', '/diagnostics'))),
     ]

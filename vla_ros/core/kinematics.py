@@ -319,3 +319,17 @@ def solve_twist(jacobian: np.ndarray, twist: np.ndarray | Sequence[float],
         cutoff = 1e-12 * max(float(s[0]), 1e-300)
         inv = np.where(s > cutoff, 1.0 / np.where(s > cutoff, s, 1.0), 0.0)
     return vt.T @ (inv * (u.T @ tw))
+
+
+def rotation_to_quat_xyzw(rotation: np.ndarray) -> np.ndarray:
+    """Return the unit quaternion (x, y, z, w) of a rotation matrix, with w >= 0."""
+    quat = np.array(pin.Quaternion(np.asarray(rotation, dtype=float)).coeffs(), dtype=float)
+    quat /= np.linalg.norm(quat)
+    return -quat if quat[3] < 0.0 else quat
+
+
+def integrate_rotation(rotation: np.ndarray, omega: np.ndarray | Sequence[float],
+                       dt: float) -> np.ndarray:
+    """Rotate ``rotation`` by the base-frame angular velocity ``omega`` [rad/s] for ``dt`` s."""
+    return pin.exp3(np.asarray(omega, dtype=float) * float(dt)) @ np.asarray(rotation, float)
+

@@ -542,6 +542,7 @@ class SafetyLimiter:
             return self._decision('instruction', t, prev,
                                   reason=f'{reason}; estop still latched ({self._estop_reason})')
         self._set_state(SafetyState.IDLE, reason)
+        self._reason = reason  # also when already IDLE: the status must say an episode waits
         return self._decision('instruction', t, prev, reason=reason)
 
     def estop(self, now: float, reason: str = '') -> Decision:

@@ -1,4 +1,4 @@
-"""Camera node: the team's camera frames + the current instruction -> ``Observation`` at the policy rate.
+"""Camera node: camera frames + the current instruction -> ``Observation`` at the policy rate.
 
 Wiring only: the image callback decodes nothing and just keeps the newest frame (drop-oldest,
 size 1); a timer at ``policy_rate_hz`` takes it, drops it when older than ``max_frame_age``,

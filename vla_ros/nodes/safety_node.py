@@ -118,6 +118,7 @@ class SafetyNode(Node):
         self._vla_alive = False
         self._last: Decision | None = None
         self._ee_position: np.ndarray | None = None
+        self._ee_rotation: np.ndarray | None = None
         self._audit = open(self.p['audit_log'], 'a', encoding='utf-8') \
             if self.p['audit_log'] else None  # noqa: SIM115 - closed in destroy_node
 
@@ -191,7 +192,7 @@ class SafetyNode(Node):
         with self._lock:
             decision = self.limiter.on_joint_state(q, self._now())
             if q is not None:
-                self._ee_position = self.kinematics.fk(q)[0]
+                self._ee_position, self._ee_rotation = self.kinematics.fk(q)
             if decision.transition:
                 self._publish(decision)
 
@@ -239,13 +240,20 @@ class SafetyNode(Node):
         """Publish the command of ``d`` (zero when not ACTIVE), gripper, status on transitions."""
         stamp = self.get_clock().now().to_msg()
         if self.pose_mode:
-            if self._ee_position is not None:
+            # Target = current tool pose moved by the limited twist over one action period;
+            # without a joint state there is no safe target, so nothing is sent.
+            if self._ee_position is not None and self._ee_rotation is not None:
+                from vla_ros.core.kinematics import integrate_rotation, rotation_to_quat_xyzw
+                period = self.config.action_period
+                target = self._ee_position + d.twist[:3] * period
+                quat = rotation_to_quat_xyzw(
+                    integrate_rotation(self._ee_rotation, d.twist[3:], period))
                 msg = PoseStamped()
                 msg.header.stamp, msg.header.frame_id = stamp, self.frame_id
-                target = self._ee_position + d.twist[:3] * self.config.action_period
                 msg.pose.position = Point(x=float(target[0]), y=float(target[1]),
                                           z=float(target[2]))
-                msg.pose.orientation.w = 1.0
+                (msg.pose.orientation.x, msg.pose.orientation.y, msg.pose.orientation.z,
+                 msg.pose.orientation.w) = (float(v) for v in quat)
                 self._cmd_pub.publish(msg)
         else:
             msg = TwistStamped()

@@ -22,7 +22,12 @@ import numpy as np
 import pinocchio as pin
 
 from vla_ros.core.errors import ConfigError
-from vla_ros.core.kinematics import ArmKinematics, JointStateError, solve_twist
+from vla_ros.core.kinematics import (
+    ArmKinematics,
+    JointStateError,
+    rotation_to_quat_xyzw,
+    solve_twist,
+)
 
 __all__ = ['ArmCounters', 'SimArm', 'rotation_to_quat_xyzw']
 
@@ -45,13 +50,6 @@ class ArmCounters:
     velocity_clamps: int = 0
     position_clamps: int = 0
     nonfinite_ignored: int = 0
-
-
-def rotation_to_quat_xyzw(rotation: np.ndarray) -> np.ndarray:
-    """Return the unit quaternion (x, y, z, w) of a rotation matrix, with w >= 0."""
-    quat = np.array(pin.Quaternion(np.asarray(rotation, dtype=float)).coeffs(), dtype=float)
-    quat /= np.linalg.norm(quat)
-    return -quat if quat[3] < 0.0 else quat
 
 
 def _finite_vector(value: object, size: int, name: str) -> np.ndarray:
