@@ -15,6 +15,7 @@ stamp. A new episode id resets the policy. Topics (relative): in ``observation``
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import time
@@ -63,6 +64,10 @@ PARAMS = (
     Param('max_observation_age', 1.0, 'Observations older than this are skipped [s].', 0.01,
           30.0),
     Param('autostart', True, 'Configure and activate on start-up.', read_only=True),
+    Param('cpu_threads', 1, 'Torch CPU threads (0 = torch default); the rest of the cores stay '
+          'free for the safety path.', 0, 256, read_only=True),
+    Param('nice', 5, 'Scheduling niceness added to this process, so the safety node preempts '
+          'inference on a busy CPU.', 0, 19, read_only=True),
 )
 
 
@@ -72,6 +77,8 @@ class VlaNode(LifecycleNode):
     def __init__(self) -> None:
         super().__init__('vla_node')
         self.p = declare(self, PARAMS)
+        if self.p['nice']:
+            os.nice(int(self.p['nice']))
         self.policy = None
         self.load_error = ''
         self._observations: LatestBuffer[Observation] = LatestBuffer()
@@ -139,9 +146,11 @@ class VlaNode(LifecycleNode):
             unnorm_key = unnorm_key or 'bridge_orig'
             self.get_logger().warning('no model_path: using the embedded tiny checkpoint '
                                    '(random weights, for wiring demos only)')
+        import torch
+        if self.p['cpu_threads']:
+            torch.set_num_threads(int(self.p['cpu_threads']))
         device = str(self.p['device'])
         if device == 'auto':
-            import torch
             device = 'cuda' if torch.cuda.is_available() else 'cpu'
         engine = str(self.p['engine'])
         if engine == 'auto':
