@@ -32,7 +32,7 @@ from std_msgs.msg import Bool
 
 from vla_ros.msg import SafetyStatus, VlaAction
 from vla_ros.testing import NodeProcess, node_processes, rclpy_context, reserved_domain, ros_env
-from vla_ros.testing.graph import SafetyHarness, twist_vector
+from vla_ros.testing.graph import SafetyHarness
 
 SAFETY = ['--ros-args', '-r', '__ns:=/vla', '-r', 'twist:=/servo_node/delta_twist_cmds',
           '-r', 'joint_states:=/joint_states']

@@ -10,7 +10,6 @@ rviz2 has the robot model and TF.
     ros2 launch vla_ros bringup.launch.py model_path:=/models/openvla-7b unnorm_key:=bridge_orig
 """
 
-from launch import LaunchDescription
 from launch.actions import (
     DeclareLaunchArgument,
     OpaqueFunction,
@@ -20,6 +19,7 @@ from launch.actions import (
 from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
 
+from launch import LaunchDescription
 from vla_ros.bringup import LAUNCH_ARGUMENTS, PACKAGE, config_dir, node_specs, resolve_arguments
 
 

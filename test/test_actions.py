@@ -326,7 +326,7 @@ def test_unnormalize_matches_formula(sa):
     stats, a_n = sa
     out = unnormalize(a_n, stats)
     assert out.shape == a_n.shape
-    for row_in, row_out in zip(a_n, out):
+    for row_in, row_out in zip(a_n, out, strict=True):
         for i in range(stats.action_dim):
             if stats.mask[i]:
                 lo, hi = stats.q01[i], stats.q99[i]

@@ -1,4 +1,4 @@
-"""Graph tests of the camera node as its own process: preprocessing, pairing, staleness, bad input."""
+"""Graph tests of the camera node as a process: preprocessing, pairing, staleness, bad input."""
 
 from __future__ import annotations
 

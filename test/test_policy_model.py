@@ -11,11 +11,18 @@ from vla_ros.core.actions import ActionTokenizer, unnormalize  # noqa: E402
 from vla_ros.core.errors import ConfigError, ImageError, InstructionError  # noqa: E402
 from vla_ros.core.image import resize_square  # noqa: E402
 from vla_ros.policy.model import (  # noqa: E402
-    OpenVLA, Projector, checkpoint_to_timm_key, create_timm_vit, timm_to_checkpoint_key,
+    OpenVLA,
+    Projector,
+    checkpoint_to_timm_key,
+    create_timm_vit,
+    timm_to_checkpoint_key,
 )
 from vla_ros.policy.policy import OpenVLAPolicy, PolicyOutput  # noqa: E402
 from vla_ros.policy.tiny import (  # noqa: E402
-    TINY_TIMM_MODEL_KWARGS, build_tiny_model, tiny_config, tiny_norm_stats,
+    TINY_TIMM_MODEL_KWARGS,
+    build_tiny_model,
+    tiny_config,
+    tiny_norm_stats,
     write_tiny_checkpoint,
 )
 

@@ -1,4 +1,4 @@
-"""Graph test of the simulated arm node as its own process: twists move it, it holds, it renders."""
+"""Graph test of the simulated arm node as a process: twists move it, it holds, it renders."""
 
 from __future__ import annotations
 

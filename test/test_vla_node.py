@@ -91,7 +91,7 @@ def test_publishes_one_stamped_action_per_processed_observation(
 
         # A burst of observations: the latest wins, no backlog builds up.
         h.actions.clear()
-        for i in range(20):
+        for _ in range(20):
             h.obs_pub.publish(_observation(h.node, rng.integers(0, 256, (224, 224, 3),
                                                                 np.uint8), 2, 'wipe'))
             h.ex.spin_once(timeout_sec=0.0)

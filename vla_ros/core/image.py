@@ -561,7 +561,7 @@ def normalize_for_backbones(
     mean_list, std_list = _check_means_stds(means, stds, "normalization", ConfigError)
     scaled = np.ascontiguousarray(img.transpose(2, 0, 1)).astype(np.float32) / np.float32(255)
     out = np.empty((3 * len(mean_list),) + scaled.shape[1:], dtype=np.float32)
-    for index, (mean, std) in enumerate(zip(mean_list, std_list)):
+    for index, (mean, std) in enumerate(zip(mean_list, std_list, strict=True)):
         mean32 = np.asarray(mean, dtype=np.float32)[:, None, None]
         std32 = np.asarray(std, dtype=np.float32)[:, None, None]
         np.divide(scaled - mean32, std32, out=out[3 * index : 3 * index + 3])

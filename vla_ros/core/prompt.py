@@ -1,6 +1,6 @@
-"""The OpenVLA prompt: one template, the instruction checks, and the trailing-space token rule.
+r"""The OpenVLA prompt: one template, the instruction checks, and the trailing-space token rule.
 
-OpenVLA was trained on ``In: What action should the robot take to {instruction}?\\nOut:`` with the
+OpenVLA was trained on ``In: What action should the robot take to {instruction}?\nOut:`` with the
 instruction lower-cased, and its ``predict_action`` appends the Llama token 29871 (the bare
 SentencePiece space ``▁``) to the tokenized prompt when the tokenizer did not end with it, because
 the action tokens followed that space in training. Both rules live here so the policy and its tests

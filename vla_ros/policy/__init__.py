@@ -1,1 +1,1 @@
-"""The OpenVLA model, its fast engine, quantization and the tiny checkpoints used by tests (torch)."""
+"""The OpenVLA model, its fast engine, quantization and the tiny test checkpoints (torch)."""

@@ -217,7 +217,7 @@ def _swap_layer_scales(vit: nn.Module) -> int:
     from timm.layers import LayerScale
 
     count = 0
-    for name, module in list(vit.named_modules()):
+    for module in list(vit.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LayerScale):
                 gamma = child.gamma
@@ -394,7 +394,7 @@ class Projector(nn.Module):
 
 
 def _no_init_weights() -> contextlib.AbstractContextManager[Any]:
-    """transformers' ``no_init_weights`` context (its module moved in 5.x), else a no-op."""
+    """Transformers' ``no_init_weights`` context (its module moved in 5.x), else a no-op."""
     try:
         from transformers.initialization import no_init_weights
     except ImportError:

@@ -31,11 +31,17 @@ import torch
 from vla_ros.core.actions import ActionStats, ActionTokenizer, NormStats, unnormalize
 from vla_ros.core.errors import CheckpointError, ConfigError, ImageError, InstructionError
 from vla_ros.core.image import (
-    normalization_from_preprocessor_config, normalize_for_backbones, resize_square,
+    normalization_from_preprocessor_config,
+    normalize_for_backbones,
+    resize_square,
 )
 from vla_ros.core.prompt import DEFAULT_MAX_CHARS, build_prompt
 from vla_ros.policy.checkpoint import (
-    LoadedCheckpoint, load_checkpoint, resolve_device, resolve_dtype, space_token_id,
+    LoadedCheckpoint,
+    load_checkpoint,
+    resolve_device,
+    resolve_dtype,
+    space_token_id,
 )
 from vla_ros.policy.model import OpenVLA
 

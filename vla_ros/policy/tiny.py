@@ -28,8 +28,13 @@ import torch
 
 from vla_ros.core.errors import ConfigError
 from vla_ros.policy.checkpoint import (
-    CONFIG_FILE, DATASET_STATISTICS_FILE, PREPROCESSOR_FILE, TOKENIZER_JSON_FILE,
-    TOKENIZER_MODEL_FILE, save_weights, sentencepiece_to_tokenizer_json,
+    CONFIG_FILE,
+    DATASET_STATISTICS_FILE,
+    PREPROCESSOR_FILE,
+    TOKENIZER_JSON_FILE,
+    TOKENIZER_MODEL_FILE,
+    save_weights,
+    sentencepiece_to_tokenizer_json,
 )
 from vla_ros.policy.model import OpenVLA
 
@@ -151,8 +156,8 @@ def tiny_norm_stats(datasets: Sequence[str], seed: int = 0) -> dict[str, Any]:
         mask = [True] * 6 + [index != 0]
         out[name] = {
             'action': {
-                'mean': [round((a + b) / 2, 6) for a, b in zip(q01, q99)],
-                'std': [round((b - a) / 4, 6) for a, b in zip(q01, q99)],
+                'mean': [round((a + b) / 2, 6) for a, b in zip(q01, q99, strict=True)],
+                'std': [round((b - a) / 4, 6) for a, b in zip(q01, q99, strict=True)],
                 'max': [round(b * 1.5, 6) for b in q99],
                 'min': [round(a * 1.5, 6) for a in q01],
                 'q01': q01,

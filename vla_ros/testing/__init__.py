@@ -1,4 +1,4 @@
-"""Reusable helpers for tests that run real ROS 2 nodes over Fast DDS (in-process and as processes).
+"""Reusable helpers for tests that run real ROS 2 nodes over Fast DDS, in-process and as processes.
 
 Graph tests isolate themselves with their own ``ROS_DOMAIN_ID`` and keep discovery on localhost;
 nodes run as separate processes started with ``python -m <module>`` so a crash or a stall in one
@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-
 
 #: DDS domains handed out to tests (Fast DDS ports for ids 0..101 stay below 32768).
 TEST_DOMAINS = range(1, 102)

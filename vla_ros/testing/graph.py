@@ -109,7 +109,8 @@ class SafetyHarness:
         """Whether the safety node subscribed to our topics and its services exist."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if (self.action_pub.get_subscription_count() and self.estop_pub.get_subscription_count()
+            if (self.action_pub.get_subscription_count()
+                    and self.estop_pub.get_subscription_count()
                     and self.reset_client.service_is_ready() and self.twists
                     and all(self.node.count_publishers(t) for t in self._outputs)):
                 return True
