@@ -6,17 +6,16 @@ import time
 
 import numpy as np
 import pytest
+import safetensors.torch as safetensors_torch
+import timm  # noqa: F401 - the model code needs it; fail loudly if it is missing
+import torch
+import transformers  # noqa: F401
 
-torch = pytest.importorskip('torch')
-pytest.importorskip('timm')
-pytest.importorskip('transformers')
-safetensors_torch = pytest.importorskip('safetensors.torch')
-
-from vla_ros.core.errors import CheckpointError, ConfigError, UnnormKeyError  # noqa: E402
-from vla_ros.policy import checkpoint as ckpt_module  # noqa: E402
-from vla_ros.policy.checkpoint import load_checkpoint, load_tokenizer, save_weights  # noqa: E402
-from vla_ros.policy.policy import OpenVLAPolicy  # noqa: E402
-from vla_ros.policy.tiny import build_tiny_model, write_tiny_checkpoint  # noqa: E402
+from vla_ros.core.errors import CheckpointError, ConfigError, UnnormKeyError
+from vla_ros.policy import checkpoint as ckpt_module
+from vla_ros.policy.checkpoint import load_checkpoint, load_tokenizer, save_weights
+from vla_ros.policy.policy import OpenVLAPolicy
+from vla_ros.policy.tiny import build_tiny_model, write_tiny_checkpoint
 
 SHARD1 = 'model-00001-of-00002.safetensors'
 SHARD2 = 'model-00002-of-00002.safetensors'
