@@ -313,7 +313,6 @@ def _rig_lm_head(model, token_id):
 @pytest.mark.parametrize('token_id,bin_value', [(512, -1 + 1 / 255), (575, -1 + 1 / 255),
                                                 (5, 1 - 1 / 255)])
 def test_unconstrained_non_action_token(tiny_dir, engine, token_id, bin_value):
-    if engine == 'fast':
     free = OpenVLAPolicy.from_pretrained(tiny_dir, unnorm_key='libero_spatial',
                                          constrain_actions=False)
     _rig_lm_head(free.model, token_id)
