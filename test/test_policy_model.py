@@ -2,23 +2,22 @@
 
 import numpy as np
 import pytest
-
 import timm  # noqa: F401 - the model code needs it; fail loudly if it is missing
 import torch
 import transformers  # noqa: F401
 
-from vla_ros.core.actions import ActionTokenizer, unnormalize  # noqa: E402
-from vla_ros.core.errors import ConfigError, ImageError, InstructionError  # noqa: E402
-from vla_ros.core.image import resize_square  # noqa: E402
-from vla_ros.policy.model import (  # noqa: E402
+from vla_ros.core.actions import ActionTokenizer, unnormalize
+from vla_ros.core.errors import ConfigError, ImageError, InstructionError
+from vla_ros.core.image import resize_square
+from vla_ros.policy.model import (
     OpenVLA,
     Projector,
     checkpoint_to_timm_key,
     create_timm_vit,
     timm_to_checkpoint_key,
 )
-from vla_ros.policy.policy import OpenVLAPolicy, PolicyOutput  # noqa: E402
-from vla_ros.policy.tiny import (  # noqa: E402
+from vla_ros.policy.policy import OpenVLAPolicy, PolicyOutput
+from vla_ros.policy.tiny import (
     TINY_TIMM_MODEL_KWARGS,
     build_tiny_model,
     tiny_config,
@@ -132,7 +131,6 @@ def test_openvla_7b_shapes_on_meta():
 
 
 def test_scale_factor_rename_round_trip():
-    import timm  # a plain timm ViT (gamma) against our featurizer (scale_factor)
 
     kwargs = dict(TINY_TIMM_MODEL_KWARGS[0], pretrained=False, num_classes=0, img_size=224)
     plain = timm.create_model('vit_large_patch14_reg4_dinov2.lvd142m', **kwargs).eval()
