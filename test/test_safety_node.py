@@ -183,6 +183,10 @@ def test_pose_mode_targets_current_tool_pose_plus_limited_delta(domain_id) -> No
         h.node.create_subscription(PoseStamped, '/ee_pose', sim_poses.append, 10)
         assert safety.wait_for_output('safety node ready', 30), safety.output
         assert h.wait_joint_states(), safety.output
+        deadline = time.monotonic() + 20
+        while not (poses and sim_poses) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the pose target is published with every output, even at rest
+        assert poses and sim_poses, safety.output
         _activate(h, [0.01, 0.0, -0.005, 0.0, 0.0, 0.0, 1.0])
         assert h.wait_state(SafetyStatus.STATE_ACTIVE), safety.output
         time.sleep(0.1)

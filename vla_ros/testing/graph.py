@@ -7,6 +7,7 @@ and keeps every twist, gripper command and status with its receipt time.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import rclpy
 from geometry_msgs.msg import TwistStamped
+from rclpy.executors import ExternalShutdownException
 from std_msgs.msg import Bool, Float64, String
 from std_srvs.srv import Trigger
 
@@ -60,9 +62,13 @@ class SafetyHarness:
         self.reset_client = self.node.create_client(Trigger, f'{ns}/safety_node/reset')
         self.executor = rclpy.executors.SingleThreadedExecutor(context=ctx)
         self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._thread = threading.Thread(target=self._spin, daemon=True)
         self._thread.start()
         self._episode = 0
+
+    def _spin(self) -> None:
+        with contextlib.suppress(ExternalShutdownException):  # close() ends the spin
+            self.executor.spin()
 
     def _keep(self, where: list[Received], msg: object) -> None:
         with self._lock:
