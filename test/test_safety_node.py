@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -26,8 +27,11 @@ def _zero(v: np.ndarray) -> bool:
 
 
 @pytest.fixture
-def graph(domain_id: int):  # noqa: ANN201
-    safety = NodeProcess('vla_ros.nodes.safety_node', SAFETY_ARGS, env=ros_env(domain_id))
+def graph(domain_id: int, tmp_path):  # noqa: ANN001, ANN201
+    audit = tmp_path / 'audit.jsonl'
+    safety = NodeProcess('vla_ros.nodes.safety_node',
+                         SAFETY_ARGS + ['-p', f'audit_log:={audit}'], env=ros_env(domain_id))
+    safety.audit = audit
     sim = NodeProcess('vla_ros.nodes.sim_arm_node', SIM_ARGS, env=ros_env(domain_id))
     with node_processes(safety, sim), rclpy_context(domain_id) as ctx:
         h = SafetyHarness(ctx)
@@ -141,6 +145,18 @@ def test_bad_actions_give_a_safe_state_and_huge_ones_are_limited(graph) -> None:
     h.action([float('inf')] * 7)
     assert h.wait_state(SafetyStatus.STATE_STOPPED)
     assert safety.alive()
+    # The audit log has one JSON line per action (and per transition): input, each limit
+    # applied, output, state.
+    records = [json.loads(line) for line in safety.audit.read_text().splitlines()]
+    actions = [r for r in records if r['event'] == 'action']
+    assert len(actions) >= 3, records
+    nan_rec, huge_rec, inf_rec = actions[-3:]
+    assert nan_rec['input']['requested'][0] == 'nan' and not nan_rec['accepted']
+    assert nan_rec['output']['twist'] == [0.0] * 6
+    assert huge_rec['accepted'] and huge_rec['state'] == 'ACTIVE'
+    assert any(x.startswith('per_axis_clamp') for x in huge_rec['limits_applied'])
+    assert huge_rec['output']['linear_speed'] <= 0.15 + 1e-9
+    assert inf_rec['state'] == 'STOPPED' and inf_rec['output']['twist'] == [0.0] * 6
 
 
 def test_stop_detection_done_after_exactly_n_still_actions_and_rearm(graph) -> None:  # noqa: ANN001

@@ -179,7 +179,6 @@ class SafetyNode(Node):
             decision = self.limiter.on_action(np.asarray(msg.delta), closed, msg.episode_id,
                                               stamp, now)
             self._publish(decision, force_status=True)  # operators see every action's limits
-        self._audit_write(decision, always=True)
 
     def _on_joint_state(self, msg: JointState) -> None:
         if self.kinematics is None:
@@ -265,11 +264,11 @@ class SafetyNode(Node):
         if d.gripper is not None:
             self._grip_pub.publish(Float64(data=float(d.gripper)))
         self._last = d
+        self._audit_write(d)
         if d.transition or force_status:
             self._publish_status(d)
             if d.transition:
                 self.get_logger().info(f'safety state {d.state.name}: {d.reason}')
-                self._audit_write(d)
 
     def _status_msg(self, d: Decision) -> SafetyStatus:
         s = SafetyStatus()
@@ -346,8 +345,9 @@ class SafetyNode(Node):
         array.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(array)
 
-    def _audit_write(self, d: Decision, always: bool = False) -> None:
-        if self._audit is not None and (always or d.transition):
+    def _audit_write(self, d: Decision) -> None:
+        """One JSON line per action and per state transition."""
+        if self._audit is not None and (d.event == 'action' or d.transition):
             self._audit.write(json.dumps(d.to_record()) + '\n')
             self._audit.flush()
 
