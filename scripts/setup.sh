@@ -34,7 +34,7 @@ if [ ! -x "$venv/bin/python" ]; then
   log "creating $venv"
   "$py" -m venv "$venv" || die "could not create a venv (Debian: apt-get install python3.11-venv)"
 fi
-pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-cache-dir -q)
 
 reqs=("$root"/requirements/*.txt)
 s=$(stamp_of "${reqs[@]}")
