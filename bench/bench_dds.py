@@ -46,31 +46,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vla_ros.testing import NodeProcess, ros_env  # noqa: E402
+from vla_ros.testing import NodeProcess, ros_env, udp_only_profile  # noqa: E402
 
 PINGPONG = 'vla_ros.testing.pingpong_node'
 SHM_PROFILE = ROOT / 'config' / 'fastdds_shm.xml'
-UDP_PROFILE = """<?xml version="1.0" encoding="UTF-8" ?>
-<dds xmlns="http://www.eprosima.com">
-  <profiles>
-    <transport_descriptors>
-      <transport_descriptor>
-        <transport_id>udp_only</transport_id>
-        <type>UDPv4</type>{buffers}
-      </transport_descriptor>
-    </transport_descriptors>
-    <participant profile_name="udp_only_participant" is_default_profile="true">
-      <rtps>
-        <userTransports><transport_id>udp_only</transport_id></userTransports>
-        <useBuiltinTransports>false</useBuiltinTransports>
-      </rtps>
-    </participant>
-  </profiles>
-</dds>
-"""
-BIG_BUFFERS = """
-        <sendBufferSize>4194304</sendBufferSize>
-        <receiveBufferSize>4194304</receiveBufferSize>"""
 TRANSPORTS = ('shm', 'udp', 'udp-4MiB', 'default')
 KINDS = ('observation', 'image')
 DESCRIPTIONS = {
@@ -83,8 +62,8 @@ def _profiles(tmp: Path) -> dict[str, tuple[str | None, str | None]]:
     """Transport name -> (profile path or None, XML text when generated here)."""
     out: dict[str, tuple[str | None, str | None]] = {
         'shm': (str(SHM_PROFILE), None), 'default': (None, None)}
-    for name, buffers in (('udp', ''), ('udp-4MiB', BIG_BUFFERS)):
-        text = UDP_PROFILE.format(buffers=buffers)
+    for name, buffers in (('udp', None), ('udp-4MiB', 4 * 1024 * 1024)):
+        text = udp_only_profile(buffers)
         path = tmp / f'{name}.xml'
         path.write_text(text)
         out[name] = (str(path), text)

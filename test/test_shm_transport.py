@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from vla_ros.testing import NodeProcess, node_processes, ros_env, wait_for
+from vla_ros.testing import NodeProcess, node_processes, ros_env, udp_only_profile, wait_for
 from vla_ros.testing.pingpong_node import pattern
 
 pytestmark = [
@@ -42,24 +42,6 @@ pytestmark = [
 
 PROFILE = Path(__file__).resolve().parents[1] / 'config' / 'fastdds_shm.xml'
 DATA_SEGMENT = re.compile(r'^/dev/shm/fastdds_[0-9a-f]{16}$')
-UDP_ONLY = """<?xml version="1.0" encoding="UTF-8" ?>
-<dds xmlns="http://www.eprosima.com">
-  <profiles>
-    <transport_descriptors>
-      <transport_descriptor>
-        <transport_id>udp_only</transport_id>
-        <type>UDPv4</type>
-      </transport_descriptor>
-    </transport_descriptors>
-    <participant profile_name="udp_only_participant" is_default_profile="true">
-      <rtps>
-        <userTransports><transport_id>udp_only</transport_id></userTransports>
-        <useBuiltinTransports>false</useBuiltinTransports>
-      </rtps>
-    </participant>
-  </profiles>
-</dds>
-"""
 KINDS = ('observation', 'image')
 
 
@@ -152,7 +134,7 @@ def test_profile_frames_travel_in_its_shared_memory_segments(
 
 def test_udp_only_profile_maps_no_shared_memory(domain_id: int, tmp_path: Path) -> None:
     profile = tmp_path / 'udp_only.xml'
-    profile.write_text(UDP_ONLY)
+    profile.write_text(udp_only_profile())
     before = set(glob.glob('/dev/shm/fastdds_*'))
     marker, pong, ping = _exchange(domain_id, profile, 'SUBNET')
     with node_processes(ping, pong):

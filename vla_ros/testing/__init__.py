@@ -49,6 +49,31 @@ def reserved_domain() -> Iterator[int]:
     raise RuntimeError(f'all DDS test domains {TEST_DOMAINS} are in use')
 
 
+def udp_only_profile(socket_buffer_bytes: int | None = None) -> str:
+    """A Fast DDS profile with UDPv4 as the only transport (the control for shared memory)."""
+    buffers = '' if socket_buffer_bytes is None else (
+        f'\n        <sendBufferSize>{socket_buffer_bytes}</sendBufferSize>'
+        f'\n        <receiveBufferSize>{socket_buffer_bytes}</receiveBufferSize>')
+    return f"""<?xml version="1.0" encoding="UTF-8" ?>
+<dds xmlns="http://www.eprosima.com">
+  <profiles>
+    <transport_descriptors>
+      <transport_descriptor>
+        <transport_id>udp_only</transport_id>
+        <type>UDPv4</type>{buffers}
+      </transport_descriptor>
+    </transport_descriptors>
+    <participant profile_name="udp_only_participant" is_default_profile="true">
+      <rtps>
+        <userTransports><transport_id>udp_only</transport_id></userTransports>
+        <useBuiltinTransports>false</useBuiltinTransports>
+      </rtps>
+    </participant>
+  </profiles>
+</dds>
+"""
+
+
 def ros_env(domain_id: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a node process: this interpreter's env plus an isolated DDS domain."""
     env = dict(os.environ)
