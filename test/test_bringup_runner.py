@@ -133,9 +133,10 @@ class Observer:
         return np.array([r.msg.position for r in self.stamped_after(self.joints, stamp_ns)])
 
 
-def test_bringup_instruct_estop_reset_and_clean_shutdown(domain_id: int) -> None:
+def test_bringup_instruct_estop_reset_and_clean_shutdown(domain_id: int, tmp_path) -> None:  # noqa: ANN001
     env = ros_env(domain_id)
-    runner = _bringup(domain_id)
+    frames = tmp_path / 'frames'
+    runner = _bringup(domain_id, '--save-frames', str(frames))
     with node_processes(runner), rclpy_context(domain_id) as ctx:
         obs = Observer(ctx)
         try:
@@ -201,6 +202,11 @@ def test_bringup_instruct_estop_reset_and_clean_shutdown(domain_id: int) -> None
             assert '[bringup] SIGINT: stopping' in runner.output
             assert 'safety node shutting down' in runner.output
             assert all(_gone(pid) for pid in pids.values()), pids
+            # --save-frames kept about a camera frame per second of the run.
+            from PIL import Image
+            saved = sorted(frames.glob('frame_*.png'))
+            assert len(saved) >= 3, runner.output
+            assert Image.open(saved[-1]).size == (224, 224)
         finally:
             obs.close()
 

@@ -62,6 +62,7 @@ class Monitor:
 
         from vla_ros.bringup import ns_topic
         from vla_ros.msg import Observation, SafetyStatus, VlaAction
+        from vla_ros.nodes.camera_node import SENSOR_QOS  # camera drivers publish best effort
 
         self._ctx = Context()
         rclpy.init(context=self._ctx)
@@ -92,7 +93,7 @@ class Monitor:
         self.node.create_subscription(JointState, joint_states_topic, self._on_joints, qos)
         if self._save_dir is not None and camera_topic:
             self._save_dir.mkdir(parents=True, exist_ok=True)
-            self.node.create_subscription(Image, camera_topic, self._on_image, 1)
+            self.node.create_subscription(Image, camera_topic, self._on_image, SENSOR_QOS)
         self._instruction_pub = None
         if instruction:
             self._instruction_pub = self.node.create_publisher(
