@@ -1,0 +1,763 @@
+"""Closed-loop evaluation on the simulated arm: success rate per task, steps, safety, speed.
+
+Two loops run the same episodes (episode ``k`` of a run, counting from 1 over the interleaved
+tasks, uses layout seed ``seed + k``, the numbering of ``sim_arm_node``, which re-seeds with
+``seed + 1`` on each new instruction):
+
+* ``graph`` (the reported figures): the real node processes of ``vla-ros bringup --sim``
+  (camera -> VLA -> safety -> simulated arm, over DDS, with ``config/safety_node.yaml``), driven
+  by an evaluator node that publishes each instruction, waits for ``/sim/task_success`` or a time
+  limit, and reads ``/vla/action`` and ``/vla/safety_status``. The baselines take the VLA node's
+  place in the same graph: a stand-in node answers each ``Observation`` with a ``VlaAction``
+  from the scripted expert (the block layout recomputed from the seed, the pose from
+  ``/sim/ee_pose``) or from the random policy.
+* ``in-process`` (quick iteration): ``World`` + the camera node's preprocessing + the policy +
+  the pure ``SafetyLimiter`` with the same configuration (joint states and ticks at its output
+  rate) + the world stepped by the limited twist, on a simulated clock.
+
+Per task and policy the report gives the success rate, steps (actions) to success, safety
+interventions (actions the limiter changed, and stops: transitions to STOPPED/DONE/ESTOP) and the
+inference time and rate. Run ``vla-ros eval --sim --episodes N``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import statistics
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vla_ros.core.actions import gripper_closedness
+from vla_ros.core.errors import ConfigError
+from vla_ros.core.image import ImageConfig, preprocess
+from vla_ros.core.safety import SafetyConfig, SafetyLimiter, SafetyState
+from vla_ros.sim.tasks import TASKS, Task, World, WorldState, expert_action, random_action
+
+__all__ = [
+    'DEFAULT_CHECKPOINT',
+    'POLICIES',
+    'EpisodeResult',
+    'EvalConfig',
+    'TaskSummary',
+    'default_checkpoint',
+    'format_report',
+    'load_safety_config',
+    'run_graph',
+    'run_in_process',
+    'summarize',
+]
+
+logger = logging.getLogger(__name__)
+
+#: Policies an evaluation can run: the checkpoint, and the two baselines.
+POLICIES = ('vla', 'expert', 'random')
+#: The trained checkpoint shipped with the package (relative to the source tree).
+DEFAULT_CHECKPOINT = 'checkpoints/sim_reach'
+_STOP_STATES = (SafetyState.STOPPED, SafetyState.DONE, SafetyState.ESTOP)
+_REACH = ('reach_red', 'reach_green', 'reach_blue')
+
+
+def default_checkpoint() -> Path:
+    """Return the shipped ``checkpoints/sim_reach`` directory of the source tree."""
+    return Path(__file__).resolve().parent.parent / DEFAULT_CHECKPOINT
+
+
+def load_safety_config(path: str | os.PathLike[str] | None = None) -> SafetyConfig:
+    """Return the limiter settings of a safety node parameter file (default: the package's)."""
+    import yaml
+
+    from vla_ros.bringup import config_dir
+
+    file = Path(path) if path else config_dir() / 'safety_node.yaml'
+    with open(file, encoding='utf-8') as f:
+        data = yaml.safe_load(f)
+    params = next(iter(data.values()))['ros__parameters']
+    names = {f.name for f in dataclasses.fields(SafetyConfig)}
+    return SafetyConfig.from_dict({k: v for k, v in params.items() if k in names})
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate: tasks, episodes per task, seeds, limits and preprocessing.
+
+    ``max_steps`` bounds the actions of one episode (the tasks' own budget by default);
+    ``baseline_episodes`` (None: ``episodes``) is the count for the expert and random policies.
+    """
+
+    tasks: tuple[str, ...] = _REACH
+    episodes: int = 50
+    seed: int = 0
+    max_steps: int | None = None
+    policies: tuple[str, ...] = POLICIES
+    baseline_episodes: int | None = None
+    checkpoint: str = ''
+    unnorm_key: str | None = None
+    safety: SafetyConfig = field(default_factory=load_safety_config)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    gripper_convention: str = 'raw'
+    random_seed: int = 12345
+
+    def __post_init__(self) -> None:
+        """Validate the fields (ConfigError names the bad one)."""
+        object.__setattr__(self, 'tasks', tuple(self.tasks))
+        object.__setattr__(self, 'policies', tuple(self.policies))
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if not self.tasks or unknown:
+            raise ConfigError(f'tasks must be names from {sorted(TASKS)}, got {self.tasks!r}')
+        bad = [p for p in self.policies if p not in POLICIES]
+        if not self.policies or bad:
+            raise ConfigError(f'policies must be from {POLICIES}, got {self.policies!r}')
+        if self.episodes < 1 or (self.baseline_episodes is not None
+                                 and self.baseline_episodes < 0):
+            raise ConfigError('episodes must be >= 1 and baseline_episodes >= 0')
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f'max_steps must be >= 1, got {self.max_steps}')
+
+    def episodes_for(self, policy: str) -> int:
+        """Episodes per task for ``policy``."""
+        if policy == 'vla' or self.baseline_episodes is None:
+            return self.episodes
+        return self.baseline_episodes
+
+    def schedule(self, policy: str) -> list[tuple[int, Task, int]]:
+        """(episode number k from 1, task, layout seed) in run order: tasks interleaved."""
+        out = []
+        for _ in range(self.episodes_for(policy)):
+            for name in self.tasks:
+                k = len(out) + 1
+                out.append((k, TASKS[name], self.seed + k))
+        return out
+
+    def steps_for(self, task: Task) -> int:
+        """Return the action budget of one episode of ``task``."""
+        return self.max_steps if self.max_steps is not None else task.max_steps
+
+
+@dataclass
+class EpisodeResult:
+    """One episode: outcome, steps, what the limiter did and how long inference took."""
+
+    policy: str
+    task: str
+    seed: int
+    success: bool
+    steps: int
+    limited_actions: int = 0
+    stops: int = 0
+    limits: dict[str, int] = field(default_factory=dict)
+    end_reason: str = ''
+    inference_ms: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    actions: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (inference times summarized)."""
+        out = dataclasses.asdict(self)
+        ms = out.pop('inference_ms')
+        out['inference_ms_median'] = statistics.median(ms) if ms else None
+        return out
+
+
+@dataclass
+class TaskSummary:
+    """Aggregate of one (policy, task)."""
+
+    policy: str
+    task: str
+    episodes: int
+    successes: int
+    success_rate: float
+    steps_to_success_mean: float | None
+    steps_to_success_median: float | None
+    limited_actions_per_episode: float
+    limited_action_fraction: float
+    stops_per_episode: float
+    inference_ms_median: float | None
+    inference_ms_p95: float | None
+    action_rate_hz: float | None
+    top_limits: dict[str, int]
+
+
+def summarize(results: Sequence[EpisodeResult]) -> list[TaskSummary]:
+    """Aggregate episodes per (policy, task), in first-seen order."""
+    groups: dict[tuple[str, str], list[EpisodeResult]] = {}
+    for r in results:
+        groups.setdefault((r.policy, r.task), []).append(r)
+    out = []
+    for (policy, task), rs in groups.items():
+        wins = [r.steps for r in rs if r.success]
+        ms = sorted(m for r in rs for m in r.inference_ms)
+        actions = sum(r.actions for r in rs)
+        wall = sum(r.wall_s for r in rs)
+        limits: Counter[str] = Counter()
+        for r in rs:
+            limits.update(r.limits)
+        out.append(TaskSummary(
+            policy=policy, task=task, episodes=len(rs), successes=len(wins),
+            success_rate=len(wins) / len(rs),
+            steps_to_success_mean=statistics.fmean(wins) if wins else None,
+            steps_to_success_median=statistics.median(wins) if wins else None,
+            limited_actions_per_episode=statistics.fmean(r.limited_actions for r in rs),
+            limited_action_fraction=(sum(r.limited_actions for r in rs) / actions
+                                     if actions else 0.0),
+            stops_per_episode=statistics.fmean(r.stops for r in rs),
+            inference_ms_median=statistics.median(ms) if ms else None,
+            inference_ms_p95=ms[min(len(ms) - 1, int(0.95 * len(ms)))] if ms else None,
+            action_rate_hz=actions / wall if wall > 0 else None,
+            top_limits=dict(limits.most_common(4))))
+    return out
+
+
+def format_report(summaries: Sequence[TaskSummary], title: str = '') -> str:
+    """Return a fixed-width table of the summaries."""
+    def num(value: float | None, fmt: str) -> str:
+        return '-' if value is None else format(value, fmt)
+
+    lines = [title] if title else []
+    lines.append(f'{"policy":<7} {"task":<12} {"success":>11} {"steps":>6} {"limited/ep":>10} '
+                 f'{"stops/ep":>8} {"infer ms":>8} {"rate Hz":>7}  top limits')
+    for s in summaries:
+        lines.append(
+            f'{s.policy:<7} {s.task:<12} {s.successes:>3}/{s.episodes:<3}{s.success_rate:>4.0%} '
+            f'{num(s.steps_to_success_mean, ".1f"):>6} {s.limited_actions_per_episode:>10.2f} '
+            f'{s.stops_per_episode:>8.2f} {num(s.inference_ms_median, ".1f"):>8} '
+            f'{num(s.action_rate_hz, ".2f"):>7}  '
+            + ', '.join(f'{k} x{v}' for k, v in s.top_limits.items()))
+    return '\n'.join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Policies as functions of (image, instruction, state)
+# --------------------------------------------------------------------------------------------
+
+PolicyFn = Callable[[np.ndarray, str, WorldState, Task], tuple[np.ndarray, float]]
+
+
+def _load_vla(config: EvalConfig) -> Any:
+    from vla_ros.policy.policy import OpenVLAPolicy
+
+    path = config.checkpoint or str(default_checkpoint())
+    return OpenVLAPolicy.from_pretrained(path, unnorm_key=config.unnorm_key, device='cpu')
+
+
+def make_policy(name: str, config: EvalConfig, vla: Any = None) -> PolicyFn:
+    """Return ``policy(image, instruction, state, task) -> (raw 7D action, inference ms)``."""
+    if name == 'vla':
+        policy = vla if vla is not None else _load_vla(config)
+
+        def run_vla(image: np.ndarray, instruction: str, state: WorldState,
+                    task: Task) -> tuple[np.ndarray, float]:
+            out = policy.predict(image, instruction)
+            return np.array(out.action, dtype=float), float(out.timings.get('total', math.nan))
+        return run_vla
+    if name == 'expert':
+        def run_expert(image: np.ndarray, instruction: str, state: WorldState,
+                       task: Task) -> tuple[np.ndarray, float]:
+            start = time.perf_counter()
+            action = expert_action(task, state)
+            return action, (time.perf_counter() - start) * 1e3
+        return run_expert
+    if name == 'random':
+        rng = np.random.default_rng(config.random_seed)
+
+        def run_random(image: np.ndarray, instruction: str, state: WorldState,
+                       task: Task) -> tuple[np.ndarray, float]:
+            return random_action(rng), 0.0
+        return run_random
+    raise ConfigError(f'unknown policy {name!r}; choose from {POLICIES}')
+
+
+# --------------------------------------------------------------------------------------------
+# In-process loop
+# --------------------------------------------------------------------------------------------
+
+
+def run_episode(world: World, limiter: SafetyLimiter, policy: PolicyFn, task: Task, seed: int,
+                config: EvalConfig, policy_name: str = 'vla', episode_id: int = 1,
+                t0: float = 0.0) -> tuple[EpisodeResult, float]:
+    """Run one episode in process; return the result and the simulated clock at its end.
+
+    Per action: render, preprocess as the camera node does, predict, convert the gripper with
+    ``gripper_convention``, feed the limiter (camera frame, joint state, action), then execute
+    the limited twist for one action period in ``output_rate_hz`` ticks, each with a fresh joint
+    state and ``limiter.tick`` as the safety node does; success is checked at every tick.
+    """
+    start = time.perf_counter()
+    world.reset(seed, task)
+    s = config.safety
+    ticks = max(1, round(s.output_rate_hz * s.action_period))
+    dt = s.action_period / ticks
+    now = t0
+    limiter.on_instruction(task.instruction, now)
+    result = EpisodeResult(policy=policy_name, task=task.name, seed=seed, success=False,
+                           steps=0)
+    limits: Counter[str] = Counter()
+    state = limiter.state
+
+    def track(decision: Any) -> None:
+        nonlocal state
+        if decision.state is not state and decision.state in _STOP_STATES:
+            result.stops += 1
+            result.end_reason = decision.reason
+        state = decision.state
+
+    for step in range(config.steps_for(task)):
+        image = preprocess(world.observe(), config.image)
+        action, ms = policy(image, task.instruction, world.state(), task)
+        result.inference_ms.append(ms)
+        result.actions += 1
+        closed = gripper_closedness(float(action[6]), config.gripper_convention) \
+            if math.isfinite(float(action[6])) else math.nan
+        limiter.on_camera_frame(now, now)
+        limiter.on_joint_state(world.arm.q, now)
+        decision = limiter.on_action(action, closed, episode_id, now, now)
+        track(decision)
+        step_limits = set(decision.limits_applied)
+        if decision.gripper is not None:
+            world.set_gripper(decision.gripper)
+        for k in range(ticks):
+            if k:
+                limiter.on_joint_state(world.arm.q, now)
+                decision = limiter.tick(now)
+                track(decision)
+                step_limits.update(decision.limits_applied)
+            world.apply_twist(decision.twist, dt)
+            now += dt
+            if world.success():
+                result.success = True
+                break
+        if step_limits:
+            result.limited_actions += 1
+            limits.update(step_limits)
+        if result.success:
+            result.steps = step + 1
+            result.end_reason = 'success'
+            break
+        if limiter.state in (SafetyState.DONE, SafetyState.ESTOP):
+            break
+    else:
+        result.end_reason = result.end_reason or 'step budget'
+    if not result.success:
+        result.steps = result.actions
+    result.limits = dict(limits)
+    result.wall_s = time.perf_counter() - start
+    return result, now
+
+
+def run_in_process(config: EvalConfig, vla: Any = None,
+                   progress: Callable[[EpisodeResult], None] | None = None
+                   ) -> list[EpisodeResult]:
+    """Evaluate every policy of ``config`` in process; ``vla`` is a loaded policy (optional)."""
+    from vla_ros.core.kinematics import ArmKinematics, default_urdf_path
+
+    kinematics = ArmKinematics.from_urdf_file(default_urdf_path())
+    world = World()
+    results = []
+    for name in config.policies:
+        policy = make_policy(name, config, vla)
+        limiter = SafetyLimiter(config.safety, kinematics)
+        now = 0.0
+        for k, task, seed in config.schedule(name):
+            result, now = run_episode(world, limiter, policy, task, seed, config, name,
+                                      episode_id=k, t0=now + 1.0)
+            results.append(result)
+            if progress is not None:
+                progress(result)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Graph
+# --------------------------------------------------------------------------------------------
+
+
+class _GraphEvaluator:
+    """The evaluator node: instructions out; success, actions and safety status in.
+
+    For the baselines it also stands in for the VLA node: each ``Observation`` is answered with a
+    ``VlaAction`` from the expert or the random policy.
+    """
+
+    def __init__(self, context: Any, namespace: str, stand_in: str | None,
+                 config: EvalConfig) -> None:
+        import rclpy
+        from geometry_msgs.msg import PoseStamped
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+        from std_msgs.msg import Bool, String
+
+        from vla_ros.msg import Observation, SafetyStatus, VlaAction
+        from vla_ros.nodes.camera_node import LATCHED_QOS, LATEST_QOS
+        from vla_ros.nodes.vla_node import ACTION_QOS
+
+        # Deep queues on the listening side: every status transition and action counts.
+        keep_all = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE,
+                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        reliable = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
+
+        ns = '/' + namespace.strip('/')
+        self.node = rclpy.create_node('vla_ros_eval', context=context)
+        self._lock = threading.Condition()
+        self.success_msgs: list[tuple[float, bool]] = []
+        self.actions: list[tuple[float, Any]] = []
+        self.statuses: list[tuple[float, Any]] = []
+        self.pose: Any = None
+        self.instr_pub = self.node.create_publisher(String, f'{ns}/instruction', LATCHED_QOS)
+        self.node.create_subscription(Bool, '/sim/task_success', self._on_success, keep_all)
+        self.node.create_subscription(SafetyStatus, f'{ns}/safety_status',
+                                      lambda m: self._keep(self.statuses, m), keep_all)
+        self.node.create_subscription(PoseStamped, '/sim/ee_pose', self._on_pose, 10)
+        self.stand_in = stand_in
+        self.config = config
+        self._seeds: dict[int, tuple[Task, int]] = {}
+        self._world = World()
+        self._rng = np.random.default_rng(config.random_seed)
+        if stand_in is None:
+            self.node.create_subscription(VlaAction, f'{ns}/action',
+                                          lambda m: self._keep(self.actions, m), reliable)
+        else:
+            self.action_pub = self.node.create_publisher(VlaAction, f'{ns}/action', ACTION_QOS)
+            self.node.create_subscription(Observation, f'{ns}/observation', self._on_observation,
+                                          LATEST_QOS)
+        self._VlaAction = VlaAction
+        self._String = String
+        self.executor = rclpy.executors.SingleThreadedExecutor(context=context)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop spinning and destroy the node."""
+        self.executor.shutdown(timeout_sec=2.0)
+        self.node.destroy_node()
+
+    def _keep(self, where: list, msg: Any) -> None:
+        with self._lock:
+            where.append((time.monotonic(), msg))
+            self._lock.notify_all()
+
+    def _on_success(self, msg: Any) -> None:
+        self._keep(self.success_msgs, bool(msg.data))
+
+    def _on_pose(self, msg: Any) -> None:
+        self.pose = msg
+
+    def expect(self, episode_id: int, task: Task, seed: int) -> None:
+        """Tell the stand-in expert which layout episode ``episode_id`` shows."""
+        self._seeds[episode_id] = (task, seed)
+
+    def _expert_state(self, episode_id: int) -> tuple[Task, WorldState] | None:
+        import pinocchio as pin
+
+        if episode_id not in self._seeds or self.pose is None:
+            return None
+        task, seed = self._seeds[episode_id]
+        self._world.reset(seed, task)
+        p, q = self.pose.pose.position, self.pose.pose.orientation
+        rotation = pin.Quaternion(q.w, q.x, q.y, q.z).toRotationMatrix()
+        state = dataclasses.replace(self._world.state(), tcp_position=np.array([p.x, p.y, p.z]),
+                                    tcp_rotation=np.array(rotation))
+        return task, state
+
+    def _on_observation(self, obs: Any) -> None:
+        start = time.perf_counter()
+        if self.stand_in == 'expert':
+            found = self._expert_state(int(obs.episode_id))
+            if found is None:
+                return
+            action = expert_action(*found)
+        else:
+            action = random_action(self._rng)
+        msg = self._VlaAction()
+        msg.header = obs.header
+        msg.episode_id = obs.episode_id
+        msg.delta = np.asarray(action, dtype=np.float64)
+        msg.inference_ms = float((time.perf_counter() - start) * 1e3)
+        msg.instruction = obs.instruction
+        self.action_pub.publish(msg)
+        self._keep(self.actions, msg)
+
+    def instruct(self, text: str) -> float:
+        """Publish an instruction; return the monotonic time it went out."""
+        with self._lock:
+            t = time.monotonic()
+            self.instr_pub.publish(self._String(data=text))
+        return t
+
+    def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait (on message arrival) until ``predicate()`` holds or ``timeout`` passes."""
+        end = time.monotonic() + timeout
+        with self._lock:
+            while not predicate():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(min(left, 0.05))
+        return True
+
+
+def _graph_specs(config: EvalConfig, policy: str, namespace: str, sim_seed: int) -> list[Any]:
+    from vla_ros.bringup import node_specs
+
+    values = {'use_sim': 'true', 'namespace': namespace, 'device': 'cpu',
+              'model_path': config.checkpoint or str(default_checkpoint())}
+    if config.unnorm_key:
+        values['unnorm_key'] = config.unnorm_key
+    specs = []
+    for spec in node_specs(values):
+        if spec.name == 'vla_node' and policy != 'vla':
+            continue
+        if spec.name == 'sim_arm_node':
+            spec = dataclasses.replace(spec, parameters={**spec.parameters, 'seed': sim_seed})
+        specs.append(spec)
+    return specs
+
+
+def _node_env(domain_id: int | None) -> dict[str, str]:
+    from vla_ros.bringup import config_dir
+
+    env = dict(os.environ)
+    env.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
+    env.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', str(config_dir() / 'fastdds_shm.xml'))
+    env['PYTHONUNBUFFERED'] = '1'
+    # One intra-op thread: on a shared CPU, torch's default pool stalls inference for
+    # hundreds of milliseconds whenever another process holds a core.
+    env.setdefault('OMP_NUM_THREADS', '1')
+    if domain_id is not None:
+        env['ROS_DOMAIN_ID'] = str(domain_id)
+        env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    return env
+
+
+def _episode_from_graph(ev: _GraphEvaluator, policy: str, task: Task, seed: int, k: int,
+                        timeout: float) -> EpisodeResult:
+    """Run episode ``k`` on the graph: instruct, wait for success / DONE / the time limit."""
+    n_success = len(ev.success_msgs)
+    n_status = len(ev.statuses)
+    n_actions = len(ev.actions)
+    ev.expect(k, task, seed)
+    started = ev.instruct(task.instruction)
+    # sim_arm_node republishes task_success (False) after every reset: that is the
+    # acknowledgement that this episode's scene is in place.
+    acked = ev.wait(lambda: any(not ok for _, ok in ev.success_msgs[n_success:]), 10.0)
+    if not acked:
+        logger.warning('episode %d: no reset acknowledgement from sim_arm_node', k)
+    first_false = next((i for i in range(n_success, len(ev.success_msgs))
+                        if not ev.success_msgs[i][1]), len(ev.success_msgs))
+
+    def mine(msg: Any) -> bool:
+        return int(msg.episode_id) == k
+
+    def finished() -> bool:
+        if any(ok for _, ok in ev.success_msgs[first_false:]):
+            return True
+        return any(mine(s) and s.state in (3, 4) for _, s in ev.statuses[n_status:])
+
+    ev.wait(finished, timeout)
+    end = time.monotonic()
+    success_time = next((t for t, ok in ev.success_msgs[first_false:] if ok), None)
+    actions = [(t, a) for t, a in ev.actions[n_actions:] if mine(a)]
+    statuses = [(t, s) for t, s in ev.statuses[n_status:] if mine(s)]
+    until = success_time if success_time is not None else end
+    result = EpisodeResult(policy=policy, task=task.name, seed=seed,
+                           success=success_time is not None, steps=0)
+    steps = [int(s.step_count) for t, s in statuses if t <= until]
+    result.steps = max(steps) if steps else 0
+    result.actions = len([1 for t, _ in actions if t <= until])
+    result.inference_ms = [float(a.inference_ms) for _, a in actions]
+    by_step: dict[int, set[str]] = {}
+    previous = None
+    for t, s in statuses:
+        if t > until:
+            break
+        if s.limits_applied:
+            by_step.setdefault(int(s.step_count), set()).update(s.limits_applied)
+        if s.state != previous and s.state in (2, 3, 4):
+            result.stops += 1
+            result.end_reason = s.reason
+        previous = s.state
+    result.limited_actions = len(by_step)
+    result.limits = dict(Counter(name for names in by_step.values() for name in names))
+    result.end_reason = 'success' if result.success else (result.end_reason or 'time limit')
+    result.wall_s = until - started
+    return result
+
+
+def run_graph(config: EvalConfig, namespace: str = 'vla', domain_id: int | None = None,
+              progress: Callable[[EpisodeResult], None] | None = None,
+              startup_timeout: float = 90.0, log_dir: str | None = None
+              ) -> list[EpisodeResult]:
+    """Evaluate every policy of ``config`` through the real node processes over DDS.
+
+    The graph is started afresh per policy (so every policy sees the same layouts) on
+    ``domain_id`` (None: the environment's), torch limited to one thread per process. Episode
+    time limit: the step budget times the action period, plus 3 s.
+    """
+    import rclpy
+    from rclpy.context import Context
+
+    from vla_ros.bringup import ros_args
+    from vla_ros.testing import NodeProcess
+
+    results: list[EpisodeResult] = []
+    env = _node_env(domain_id)
+    for policy in config.policies:
+        schedule = config.schedule(policy)
+        if not schedule:
+            continue
+        # The VLA node logs 'vla node active' (info) once warmed up: _wait_ready reads it.
+        procs = [NodeProcess(spec.module, ros_args(spec, namespace,
+                                                   'info' if spec.name == 'vla_node' else 'warn'),
+                             env=env, name=spec.name)
+                 for spec in _graph_specs(config, policy, namespace, config.seed)]
+        context = Context()
+        rclpy.init(context=context, domain_id=domain_id)
+        ev = None
+        try:
+            stand_in = None if policy == 'vla' else policy
+            ev = _GraphEvaluator(context, namespace, stand_in, config)
+            _wait_ready(ev, procs, policy, startup_timeout)
+            for k, task, seed in schedule:
+                timeout = config.steps_for(task) * config.safety.action_period + 3.0
+                result = _episode_from_graph(ev, policy, task, seed, k, timeout)
+                results.append(result)
+                if progress is not None:
+                    progress(result)
+                dead = [p.name for p in procs if not p.alive()]
+                if dead:
+                    raise RuntimeError(f'node processes died during the evaluation: {dead}')
+        finally:
+            if ev is not None:
+                ev.close()
+            rclpy.try_shutdown(context=context)
+            for proc in procs:
+                proc.stop()
+                if log_dir:
+                    Path(log_dir).mkdir(parents=True, exist_ok=True)
+                    (Path(log_dir) / f'{policy}_{proc.name}.log').write_text(proc.output)
+    return results
+
+
+def _wait_ready(ev: _GraphEvaluator, procs: Sequence[Any], policy: str, timeout: float) -> None:
+    """Wait until every node is up: subscribers of the instruction, the action stream, status."""
+    end = time.monotonic() + timeout
+    need_subs = 3  # camera, safety, sim arm
+    while time.monotonic() < end:
+        dead = [p.name for p in procs if not p.alive()]
+        if dead:
+            raise RuntimeError(f'node processes exited during start-up: {dead}\n'
+                               + '\n'.join(p.output[-2000:] for p in procs if not p.alive()))
+        vla_ready = policy != 'vla' or any('vla node active' in p.output for p in procs)
+        if (ev.instr_pub.get_subscription_count() >= need_subs and vla_ready and ev.statuses
+                and ev.pose is not None and ev.success_msgs):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f'the graph did not come up within {timeout:.0f} s:\n'
+                       + '\n'.join(f'--- {p.name}\n{p.output[-1500:]}' for p in procs))
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+
+
+def _print_progress(result: EpisodeResult) -> None:
+    logger.info('%-6s %-11s seed %-5d %-7s steps %2d  limited %2d  stops %d  %s', result.policy,
+                result.task, result.seed, 'SUCCESS' if result.success else 'fail', result.steps,
+                result.limited_actions, result.stops, result.end_reason[:60])
+
+
+def evaluate(config: EvalConfig, mode: str = 'graph', json_path: str | None = None,
+             domain_id: int | None = None, log_dir: str | None = None) -> dict[str, Any]:
+    """Run the evaluation, log the table, optionally write JSON; return the report."""
+    start = time.perf_counter()
+    if mode == 'graph':
+        results = run_graph(config, domain_id=domain_id, progress=_print_progress,
+                            log_dir=log_dir)
+    elif mode == 'in-process':
+        results = run_in_process(config, progress=_print_progress)
+    else:
+        raise ConfigError(f"mode must be 'graph' or 'in-process', got {mode!r}")
+    summaries = summarize(results)
+    report = {
+        'mode': mode,
+        'checkpoint': config.checkpoint or str(default_checkpoint()),
+        'episodes_per_task': {p: config.episodes_for(p) for p in config.policies},
+        'tasks': list(config.tasks), 'seed': config.seed,
+        'safety': config.safety.to_dict(),
+        'seconds': round(time.perf_counter() - start, 1),
+        'summary': [dataclasses.asdict(s) for s in summaries],
+        'episodes': [r.to_dict() for r in results],
+    }
+    print(format_report(summaries, f'closed-loop evaluation ({mode}), '
+                                   f'{report["seconds"]:.0f} s'), flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=1) + '\n', encoding='utf-8')
+    return report
+
+
+def _iter_csv(text: str) -> Iterator[str]:
+    return (part.strip() for part in text.split(',') if part.strip())
+
+
+def add_arguments(parser: Any) -> None:
+    """Options of ``vla-ros eval`` (shared by ``python -m vla_ros.eval``)."""
+    parser.add_argument('--sim', action='store_true', required=True,
+                        help='evaluate on the simulated arm (the only target so far)')
+    parser.add_argument('--episodes', type=int, default=50, help='episodes per task')
+    parser.add_argument('--baseline-episodes', type=int, default=None,
+                        help='episodes per task of the expert/random baselines (default: same)')
+    parser.add_argument('--tasks', default=','.join(_REACH))
+    parser.add_argument('--policies', default=','.join(POLICIES))
+    parser.add_argument('--model-path', dest='model_path', default='',
+                        help=f'checkpoint directory (default: {DEFAULT_CHECKPOINT})')
+    parser.add_argument('--unnorm-key', dest='unnorm_key', default=None)
+    parser.add_argument('--seed', type=int, default=0, help='episode k uses layout seed seed+k')
+    parser.add_argument('--max-steps', type=int, default=None)
+    parser.add_argument('--in-process', action='store_true',
+                        help='World + limiter loop instead of the node graph (fast)')
+    parser.add_argument('--safety-config', default=None, help='safety_node YAML file')
+    parser.add_argument('--domain-id', type=int, default=None)
+    parser.add_argument('--json', default=None, help='write the full report here')
+    parser.add_argument('--log-dir', default=None, help='keep the node logs here (graph mode)')
+
+
+def run_from_args(opts: Any) -> int:
+    """Build the configuration from parsed options and evaluate; 0 on completion."""
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
+    if opts.in_process:
+        import torch
+        torch.set_num_threads(1)
+    config = EvalConfig(tasks=tuple(_iter_csv(opts.tasks)), episodes=opts.episodes,
+                        baseline_episodes=opts.baseline_episodes,
+                        policies=tuple(_iter_csv(opts.policies)), seed=opts.seed,
+                        max_steps=opts.max_steps, checkpoint=opts.model_path,
+                        unnorm_key=opts.unnorm_key,
+                        safety=load_safety_config(opts.safety_config))
+    evaluate(config, 'in-process' if opts.in_process else 'graph', opts.json, opts.domain_id,
+             opts.log_dir)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str = 'python -m vla_ros.eval') -> int:
+    """``vla-ros eval --sim ...`` and ``python -m vla_ros.eval --sim ...``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n')[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
+
