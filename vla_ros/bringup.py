@@ -27,11 +27,14 @@ class LaunchArgument:
     choices: tuple[str, ...] = ()
 
 
+#: The small OpenVLA trained on the simulated tasks, in ``checkpoints/`` (see its README).
+DEFAULT_CHECKPOINT = 'sim_tabletop'
+
 LAUNCH_ARGUMENTS: tuple[LaunchArgument, ...] = (
     LaunchArgument('namespace', 'vla', 'Namespace of the VLA nodes (one per arm).'),
     LaunchArgument('model_path', '',
-                   'OpenVLA checkpoint directory (HF format); empty = the embedded tiny '
-                   'checkpoint (demo only, not a trained policy).'),
+                   'OpenVLA checkpoint directory (HF format); empty = the shipped small '
+                   'checkpoint trained on the simulated arm (checkpoints/sim_tabletop).'),
     LaunchArgument('unnorm_key', '',
                    'Dataset whose statistics un-normalize actions (required when the checkpoint '
                    'has several, e.g. bridge_orig).'),
@@ -106,6 +109,11 @@ def config_dir() -> Path:
     except ImportError as exc:  # pragma: no cover - only without both layouts
         raise ConfigError('cannot find the vla_ros config folder') from exc
     return Path(get_package_share_directory(PACKAGE)) / 'config'
+
+
+def default_checkpoint() -> Path:
+    """The shipped checkpoint trained on the simulated tasks (source tree or share folder)."""
+    return config_dir().parent / 'checkpoints' / DEFAULT_CHECKPOINT
 
 
 def node_specs(values: Mapping[str, str] | None = None) -> list[NodeSpec]:

@@ -183,7 +183,7 @@ def cmd_bringup(opts: argparse.Namespace) -> int:
     try:
         if opts.instruction or not opts.quiet:
             from vla_ros.monitor import Monitor
-            monitor = Monitor(args['namespace'], instruction=opts.instruction,
+            monitor = Monitor(args['namespace'], instructions=opts.instruction,
                               joint_states_topic=args['joint_states_topic'],
                               twist_topic=args['servo_topic'],
                               save_frames=opts.save_frames, camera_topic=args['camera_topic'],
@@ -271,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument('--namespace')
     b.add_argument('--arg', action='append', default=[], metavar='NAME:=VALUE',
                    help='any launch argument: ' + ', '.join(a.name for a in LAUNCH_ARGUMENTS))
-    b.add_argument('--instruction', help='publish this instruction once the graph is up')
+    b.add_argument('--instruction', action='append', default=[],
+                   help='publish this instruction once the graph is up; repeat the option '
+                        'for a sequence (the next goes out when the arm comes to rest or after '
+                        '20 s, starting over after the last)')
     b.add_argument('--duration', type=float, default=0.0,
                    help='stop after this many seconds (0 = until Ctrl-C)')
     b.add_argument('--save-frames', dest='save_frames', metavar='DIR',

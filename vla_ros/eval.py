@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from vla_ros.bringup import default_checkpoint
 from vla_ros.core.actions import gripper_closedness
 from vla_ros.core.errors import ConfigError
 from vla_ros.core.image import ImageConfig, preprocess
@@ -45,12 +46,10 @@ from vla_ros.core.safety import SafetyConfig, SafetyLimiter, SafetyState
 from vla_ros.sim.tasks import TASKS, Task, World, WorldState, expert_action, random_action
 
 __all__ = [
-    'DEFAULT_CHECKPOINT',
     'POLICIES',
     'EpisodeResult',
     'EvalConfig',
     'TaskSummary',
-    'default_checkpoint',
     'format_report',
     'load_safety_config',
     'run_graph',
@@ -62,15 +61,7 @@ logger = logging.getLogger(__name__)
 
 #: Policies an evaluation can run: the checkpoint, and the two baselines.
 POLICIES = ('vla', 'expert', 'random')
-#: The trained checkpoint shipped with the package (relative to the source tree).
-DEFAULT_CHECKPOINT = 'checkpoints/sim_reach'
 _STOP_STATES = (SafetyState.STOPPED, SafetyState.DONE, SafetyState.ESTOP)
-_REACH = ('reach_red', 'reach_green', 'reach_blue')
-
-
-def default_checkpoint() -> Path:
-    """Return the shipped ``checkpoints/sim_reach`` directory of the source tree."""
-    return Path(__file__).resolve().parent.parent / DEFAULT_CHECKPOINT
 
 
 def load_safety_config(path: str | os.PathLike[str] | None = None) -> SafetyConfig:
@@ -95,7 +86,7 @@ class EvalConfig:
     ``baseline_episodes`` (None: ``episodes``) is the count for the expert and random policies.
     """
 
-    tasks: tuple[str, ...] = _REACH
+    tasks: tuple[str, ...] = tuple(TASKS)
     episodes: int = 50
     seed: int = 0
     max_steps: int | None = None
@@ -717,10 +708,10 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument('--episodes', type=int, default=50, help='episodes per task')
     parser.add_argument('--baseline-episodes', type=int, default=None,
                         help='episodes per task of the expert/random baselines (default: same)')
-    parser.add_argument('--tasks', default=','.join(_REACH))
+    parser.add_argument('--tasks', default=','.join(TASKS))
     parser.add_argument('--policies', default=','.join(POLICIES))
     parser.add_argument('--model-path', dest='model_path', default='',
-                        help=f'checkpoint directory (default: {DEFAULT_CHECKPOINT})')
+                        help='checkpoint directory (default: checkpoints/sim_tabletop)')
     parser.add_argument('--unnorm-key', dest='unnorm_key', default=None)
     parser.add_argument('--seed', type=int, default=0, help='episode k uses layout seed seed+k')
     parser.add_argument('--max-steps', type=int, default=None)

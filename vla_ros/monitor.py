@@ -7,8 +7,10 @@ plain rclpy node in the caller's process, on the caller's DDS domain.
 from __future__ import annotations
 
 import collections
+import math
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +49,16 @@ class _Rate:
 
 
 class Monitor:
-    """Subscribes to the graph's outputs and prints one status line per period."""
+    """Subscribes to the graph's outputs and prints one status line per period.
 
-    def __init__(self, namespace: str = 'vla', *, instruction: str | None = None,
+    ``instructions`` are published in turn, starting over after the last: the next one goes
+    out when the safety node reports the episode DONE (the arm came to rest) or
+    ``instruction_timeout`` seconds after the current one. The simulated arm's
+    ``/sim/task_success`` is reported when it turns true.
+    """
+
+    def __init__(self, namespace: str = 'vla', *, instructions: Sequence[str] = (),
+                 instruction_timeout: float = 20.0,
                  joint_states_topic: str = '/joint_states',
                  twist_topic: str = '/servo_node/delta_twist_cmds',
                  camera_topic: str | None = None, save_frames: str | None = None,
@@ -58,7 +67,7 @@ class Monitor:
         from geometry_msgs.msg import TwistStamped
         from rclpy.context import Context
         from sensor_msgs.msg import Image, JointState
-        from std_msgs.msg import String
+        from std_msgs.msg import Bool, String
 
         from vla_ros.bringup import ns_topic
         from vla_ros.msg import Observation, SafetyStatus, VlaAction
@@ -94,13 +103,38 @@ class Monitor:
         if self._save_dir is not None and camera_topic:
             self._save_dir.mkdir(parents=True, exist_ok=True)
             self.node.create_subscription(Image, camera_topic, self._on_image, SENSOR_QOS)
+        self.node.create_subscription(Bool, '/sim/task_success', self._on_success, qos)
+        self._task_success = False
+        self.successes = 0
+        self._instructions = [str(text) for text in instructions if str(text).strip()]
+        self._instruction_timeout = float(instruction_timeout)
+        self._next_index = 0
+        self._instruction_deadline = math.inf
+        self._published_at = -math.inf
+        self._episode_done = False
         self._instruction_pub = None
-        if instruction:
+        self._String = String
+        if self._instructions:
             self._instruction_pub = self.node.create_publisher(
                 String, ns_topic(namespace, 'instruction'), _latched_qos())
-            self._instruction_pub.publish(String(data=instruction))
-            print(f'[monitor] instruction: {instruction!r}', flush=True)
+            self._publish_next_instruction()
         self._spinner.start()
+
+    def _publish_next_instruction(self) -> None:
+        text = self._instructions[self._next_index % len(self._instructions)]
+        self._next_index += 1
+        self._episode_done = False
+        self._published_at = time.monotonic()
+        self._instruction_deadline = self._published_at + self._instruction_timeout
+        self._instruction_pub.publish(self._String(data=text))
+        print(f'[monitor] instruction: {text!r}', flush=True)
+
+    def _on_success(self, msg) -> None:  # noqa: ANN001
+        if bool(msg.data) and not self._task_success:
+            self.successes += 1
+            print(f'[monitor] the simulated task succeeded ({self.successes} so far)',
+                  flush=True)
+        self._task_success = bool(msg.data)
 
     def _spin(self) -> None:
         import contextlib
@@ -112,6 +146,9 @@ class Monitor:
                 self.status.reason:
             print(f'[monitor] safety: {STATE_NAMES.get(msg.state, msg.state)} ({msg.reason})',
                   flush=True)
+        # A DONE of the episode before the current instruction may still arrive at first.
+        if STATE_NAMES.get(msg.state) == 'DONE' and time.monotonic() > self._published_at + 1.0:
+            self._episode_done = True
         self.status = msg
 
     def _on_action(self, msg) -> None:  # noqa: ANN001
@@ -158,6 +195,9 @@ class Monitor:
         """Wait ``timeout`` s (callbacks run in the monitor's thread); print the line when due."""
         if timeout > 0:
             time.sleep(timeout)
+        if len(self._instructions) > 1 and (self._episode_done
+                                            or time.monotonic() > self._instruction_deadline):
+            self._publish_next_instruction()
         if not self._quiet and time.monotonic() >= self._next_print:
             self._next_print = time.monotonic() + self._period
             print(self.line(), flush=True)

@@ -16,11 +16,9 @@ stamp. A new episode id resets the policy. Topics (relative): in ``observation``
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
 import rclpy
@@ -47,8 +45,8 @@ OBSERVATION_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
                              reliability=ReliabilityPolicy.RELIABLE)
 
 PARAMS = (
-    Param('model_path', '', 'OpenVLA checkpoint directory; empty = embedded tiny checkpoint '
-          '(wiring demo only).', read_only=True),
+    Param('model_path', '', 'OpenVLA checkpoint directory; empty = the shipped checkpoint '
+          'trained on the simulated arm (checkpoints/sim_tabletop).', read_only=True),
     Param('unnorm_key', '', 'Dataset statistics used to un-normalize actions.', read_only=True),
     Param('device', 'auto', 'auto | cpu | cuda | cuda:N.', read_only=True),
     Param('dtype', 'auto', 'auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float16 | float32.',
@@ -87,7 +85,6 @@ class VlaNode(LifecycleNode):
         self._episode_id: int | None = None
         self._latencies: list[float] = []
         self.actions_published = 0
-        self._tmpdir: tempfile.TemporaryDirectory | None = None
         self._action_pub = self.create_publisher(VlaAction, 'action', ACTION_QOS)
         self._diag_pub = self.create_publisher(DiagnosticArray, 'diagnostics', 10)
         self.create_subscription(Observation, 'observation', self._observations.put,
@@ -145,12 +142,9 @@ class VlaNode(LifecycleNode):
         path = str(self.p['model_path'])
         unnorm_key = str(self.p['unnorm_key']) or None
         if not path:
-            from vla_ros.policy.tiny import write_tiny_checkpoint
-            self._tmpdir = tempfile.TemporaryDirectory(prefix='vla_ros_tiny_')
-            path = str(write_tiny_checkpoint(Path(self._tmpdir.name) / 'tiny'))
-            unnorm_key = unnorm_key or 'bridge_orig'
-            self.get_logger().warning('no model_path: using the embedded tiny checkpoint '
-                                   '(random weights, for wiring demos only)')
+            from vla_ros.bringup import default_checkpoint
+            path = str(default_checkpoint())
+            self.get_logger().info(f'no model_path: using the shipped checkpoint {path}')
         import torch
         if self.p['cpu_threads']:
             torch.set_num_threads(int(self.p['cpu_threads']))
@@ -170,9 +164,6 @@ class VlaNode(LifecycleNode):
 
     def _release(self) -> None:
         self.policy = None
-        if self._tmpdir is not None:
-            self._tmpdir.cleanup()
-            self._tmpdir = None
         try:
             import torch
             if torch.cuda.is_available():
@@ -230,7 +221,7 @@ class VlaNode(LifecycleNode):
     # -- diagnostics -----------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
         status = DiagnosticStatus(name=f'{self.get_fully_qualified_name()}: policy',
-                                  hardware_id=str(self.p['model_path']) or 'embedded-tiny')
+                                  hardware_id=str(self.p['model_path']) or 'sim_tabletop')
         if self.load_error:
             status.level, status.message = DiagnosticStatus.ERROR, self.load_error[:500]
         elif self.policy is None:

@@ -276,7 +276,9 @@ class Demonstrations:
             **{k: np.concatenate([getattr(self, k), getattr(other, k)]) for k in _SCENE_FIELDS})
 
     def first_episodes(self, n: int) -> Demonstrations:
-        """Return the samples of the first ``n`` episodes (by id)."""
+        """Return the samples of the first ``n`` >= 1 episodes (by id)."""
+        if n < 1:
+            raise ConfigError(f'first_episodes needs n >= 1, got {n}')
         keep = self.episodes < np.unique(self.episodes)[:n].max() + 1 if len(self) else []
         return Demonstrations(
             actions=self.actions[keep], task_ids=self.task_ids[keep],
@@ -369,6 +371,9 @@ def generate(config: DataConfig, behaviour_factory: Callable[[], Behaviour] | No
     from vla_ros.sim.tasks import EXPERT_MAX_STEP, TASKS, World
 
     world = world or World()
+    if world.table_height != 0.0 or world.camera.key() != Camera.default().key():
+        raise ConfigError('render() draws the default scene (table at 0, Camera.default()); '
+                          'record with such a world')
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ('actions',) + _SCENE_FIELDS}
     task_ids: list[int] = []
     episodes: list[int] = []
@@ -519,3 +524,28 @@ def normalize_actions(actions: Any, stats: Mapping[str, Any]) -> np.ndarray:
                                                                            dtype=np.float64)
         out = np.where(constant & mask, 0.0, out)
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Record expert demonstrations (scenes, tasks, labels) into a ``.npz`` file."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog='python -m vla_ros.train.data',
+                                description=main.__doc__)
+    p.add_argument('--out', required=True)
+    p.add_argument('--tasks', default=','.join(ALL_TASKS))
+    p.add_argument('--episodes-per-task', type=int, default=DataConfig.episodes_per_task)
+    p.add_argument('--seed', type=int, default=DataConfig.seed, help='first layout seed')
+    opts = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', stream=sys.stdout)
+    demos = generate(DataConfig(tasks=tuple(t for t in opts.tasks.split(',') if t),
+                                episodes_per_task=opts.episodes_per_task, seed=opts.seed))
+    demos.save(opts.out)
+    logger.info('%d samples, %d episodes (%.1f%% of the executed rollouts succeeded); wrote %s',
+                len(demos), demos.num_episodes, 100 * demos.successes.mean(), opts.out)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

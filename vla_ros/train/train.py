@@ -218,8 +218,20 @@ def init_model(config: Mapping[str, Any], seed: int = 0) -> OpenVLA:
     return model
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None (strict JSON has no NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n', encoding='utf-8')
+    path.write_text(json.dumps(_finite(obj), indent=2, sort_keys=True, allow_nan=False) + '\n',
+                    encoding='utf-8')
 
 
 def write_checkpoint(directory: str | Path, model: OpenVLA, config: Mapping[str, Any],
@@ -482,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split('\n')[0])
     p.add_argument('--stage', choices=('base', 'lora'), default='base')
     p.add_argument('--data', required=True, nargs='+',
-                   help='demonstrations (.npz from vla_ros.train.record or .dagger)')
+                   help='demonstrations (.npz from vla_ros.train.data or vla_ros.train.dagger)')
     p.add_argument('--out', required=True, help='checkpoint directory to write')
     p.add_argument('--base', default='', help='lora stage: the base checkpoint directory')
     p.add_argument('--unnorm-key', default=DEFAULT_UNNORM_KEY)
@@ -520,7 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.minutes > 0:  # the whole command's wall time, less loading, rendering and writing
         budget = max(60.0, 60.0 * opts.minutes - (time.perf_counter() - t0) - 20.0)
     config = TrainConfig(steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr,
-                         seed=opts.seed, time_budget_s=budget)
+                         seed=opts.seed, time_budget_s=budget,
+                         warmup_steps=min(TrainConfig.warmup_steps, max(1, opts.steps // 10)))
     if opts.stage == 'base':
         stats = {opts.unnorm_key: compute_norm_stats(demos.actions,
                                                      num_trajectories=demos.num_episodes)}
