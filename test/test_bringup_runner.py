@@ -1,10 +1,10 @@
 """End to end through the pip-path runner: ``vla-ros bringup --sim`` as a real process tree.
 
-The runner starts camera, VLA (embedded tiny checkpoint, random weights), safety and simulated arm
-nodes on this test's own DDS domain; the operator commands run as their own processes
-(``vla-ros instruct``, ``estop``, ``reset``), and a node in this test process watches the
-contract's topics. Motion is asserted loosely (random weights give small, often limited actions);
-safety behaviour strictly: under e-stop every twist is zero while actions keep arriving and the
+The runner starts camera, VLA (the shipped checkpoint), safety and simulated arm nodes on this
+test's own DDS domain; the operator commands run as their own processes (``vla-ros instruct``,
+``estop``, ``reset``), and a node in this test process watches the contract's topics. Motion is
+asserted loosely (task success is test_eval's business); safety behaviour strictly: under
+e-stop every twist is zero while actions keep arriving and the
 arm stands still; a reset alone never resumes motion, only an action newer than the reset does;
 SIGINT stops everything with exit 0; a node killed with SIGKILL ends the bringup with a non-zero
 exit and a message that names it, and no node outlives the runner.
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.graph
 
 NODES = ('camera_node', 'vla_node', 'safety_node', 'sim_arm_node')
 TWIST_TOPIC = '/servo_node/delta_twist_cmds'
-#: First actions need the VLA node to import torch and build the tiny checkpoint (2 shared cores).
+#: First actions need the VLA node to import torch and load the checkpoint (2 shared cores).
 START_TIMEOUT = 60.0
 
 

@@ -116,12 +116,19 @@ def test_the_eval_command_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 @pytest.mark.graph
-def test_the_checkpoint_reaches_through_the_node_graph(domain_id: int) -> None:
-    # camera_node -> vla_node (this checkpoint) -> safety_node -> sim_arm_node, over DDS.
-    config = EvalConfig(episodes=1, policies=('vla',), seed=7000)
+def test_the_checkpoint_and_the_expert_do_the_tasks_through_the_node_graph(
+        domain_id: int) -> None:
+    # camera_node -> vla_node (this checkpoint) -> safety_node -> sim_arm_node, over DDS; then
+    # the same graph with the expert baseline in vla_node's place (it reads the simulator's
+    # ground truth for the blocks, the held block and the gripper).
+    config = EvalConfig(episodes=1, policies=('vla', 'expert'), seed=7000)
     results = run_graph(config, domain_id=domain_id)
-    assert [r.task for r in results] == list(config.tasks)
-    assert sum(r.success for r in results) >= 3, format_report(summarize(results))
-    for r in results:
+    report = format_report(summarize(results))
+    vla = [r for r in results if r.policy == 'vla']
+    expert = [r for r in results if r.policy == 'expert']
+    assert [r.task for r in vla] == [r.task for r in expert] == list(config.tasks)
+    assert sum(r.success for r in vla) >= 3, report
+    assert all(r.success for r in expert), report
+    for r in vla:
         assert r.inference_ms and r.steps > 0
     assert all(r.steps <= TASKS[r.task].max_steps for r in results)

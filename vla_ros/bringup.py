@@ -146,7 +146,8 @@ def node_specs(values: Mapping[str, str] | None = None) -> list[NodeSpec]:
                         ('gripper_command', ns_topic(ns, 'gripper_command')),
                         ('instruction', ns_topic(ns, 'instruction')),
                         ('ee_pose', '/sim/ee_pose'),
-                        ('task_success', '/sim/task_success')),
+                        ('task_success', '/sim/task_success'),
+                        ('world_state', '/sim/world_state')),
             namespaced=False))
     return specs
 

@@ -408,6 +408,8 @@ class _GraphEvaluator:
         self.node.create_subscription(SafetyStatus, f'{ns}/safety_status',
                                       lambda m: self._keep(self.statuses, m), keep_all)
         self.node.create_subscription(PoseStamped, '/sim/ee_pose', self._on_pose, 10)
+        self.world_state: dict[str, Any] | None = None
+        self.node.create_subscription(String, '/sim/world_state', self._on_world_state, 10)
         self.stand_in = stand_in
         self.config = config
         self._seeds: dict[int, tuple[Task, int]] = {}
@@ -443,21 +445,34 @@ class _GraphEvaluator:
     def _on_pose(self, msg: Any) -> None:
         self.pose = msg
 
+    def _on_world_state(self, msg: Any) -> None:
+        self.world_state = json.loads(msg.data)
+
     def expect(self, episode_id: int, task: Task, seed: int) -> None:
         """Tell the stand-in expert which layout episode ``episode_id`` shows."""
         self._seeds[episode_id] = (task, seed)
 
     def _expert_state(self, episode_id: int) -> tuple[Task, WorldState] | None:
+        """Return the expert's view of the world, or None while it is not this episode's.
+
+        The pose comes from ``/sim/ee_pose``, the rest from the simulator's ground truth
+        ``/sim/world_state`` (blocks, held block, gripper) once it shows this episode's seed.
+        """
         import pinocchio as pin
 
-        if episode_id not in self._seeds or self.pose is None:
+        truth = self.world_state
+        if episode_id not in self._seeds or self.pose is None or truth is None:
             return None
         task, seed = self._seeds[episode_id]
-        self._world.reset(seed, task)
+        if truth['seed'] != seed:
+            return None
         p, q = self.pose.pose.position, self.pose.pose.orientation
         rotation = pin.Quaternion(q.w, q.x, q.y, q.z).toRotationMatrix()
-        state = dataclasses.replace(self._world.state(), tcp_position=np.array([p.x, p.y, p.z]),
-                                    tcp_rotation=np.array(rotation))
+        state = dataclasses.replace(
+            self._world.state(), tcp_position=np.array([p.x, p.y, p.z]),
+            tcp_rotation=np.array(rotation), held=truth['held'],
+            gripper=float(truth['gripper']), gripper_width=float(truth['gripper_width']),
+            blocks={k: np.asarray(v, dtype=float) for k, v in truth['blocks'].items()})
         return task, state
 
     def _on_observation(self, obs: Any) -> None:

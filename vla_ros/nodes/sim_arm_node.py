@@ -7,11 +7,15 @@ commands stop for longer than ``command_timeout``. Topics (relative, remapped by
 in ``twist`` (geometry_msgs/TwistStamped), ``gripper_command`` (std_msgs/Float64, 0 open,
 1 closed), ``instruction`` (std_msgs/String: picks the task, resets the scene when
 ``reset_on_instruction``); out ``joint_states``, ``ee_pose`` (geometry_msgs/PoseStamped),
-``image_raw`` (sensor_msgs/Image rgb8), ``task_success`` (std_msgs/Bool).
+``image_raw`` (sensor_msgs/Image rgb8), ``task_success`` (std_msgs/Bool), and with every camera
+frame the simulator's ground truth ``world_state`` (std_msgs/String, JSON: task, seed, block
+centres, the held block, gripper closedness and finger width), which evaluation baselines read
+and a policy never sees.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -63,6 +67,7 @@ class SimArmNode(Node):
         self._pose_pub = self.create_publisher(PoseStamped, 'ee_pose', 10)
         self._image_pub = self.create_publisher(Image, 'image_raw', SENSOR_QOS)
         self._success_pub = self.create_publisher(Bool, 'task_success', LATCHED_QOS)
+        self._state_pub = self.create_publisher(String, 'world_state', 10)
         self.create_subscription(TwistStamped, 'twist', self._on_twist, 10)
         self.create_subscription(Float64, 'gripper_command', self._on_gripper, 10)
         self.create_subscription(String, 'instruction', self._on_instruction, LATCHED_QOS)
@@ -130,7 +135,16 @@ class SimArmNode(Node):
             self._success = success
             self._success_pub.publish(Bool(data=success))
 
+    def world_state(self) -> str:
+        """Return the ground truth the ``world_state`` topic carries (JSON)."""
+        w = self.world
+        return json.dumps({
+            'task': w.task.name, 'seed': self._seed, 'held': w.held,
+            'blocks': {name: [float(v) for v in pos] for name, pos in w.blocks.items()},
+            'gripper': float(w.arm.gripper), 'gripper_width': float(w.gripper_width())})
+
     def _on_camera(self) -> None:
+        self._state_pub.publish(String(data=self.world_state()))
         rgb = self.world.observe()
         data, height, width, encoding, step = encode_image(rgb, 'rgb8')
         msg = Image()
