@@ -83,6 +83,7 @@ __all__ = [
     'policy_for',
     'train',
     'write_checkpoint',
+    'write_checkpoint_files',
 ]
 
 logger = logging.getLogger(__name__)
@@ -239,10 +240,22 @@ def write_checkpoint(directory: str | Path, model: OpenVLA, config: Mapping[str,
                      dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write a complete OpenVLA checkpoint directory (HF layout) for ``model``; return it.
 
+    Files: those of ``write_checkpoint_files`` and ``model.safetensors`` in ``dtype``.
+    """
+    directory = write_checkpoint_files(directory, config, dataset_statistics)
+    save_weights(model, directory, n_shards=1, dtype=dtype)
+    return directory
+
+
+def write_checkpoint_files(directory: str | Path, config: Mapping[str, Any],
+                           dataset_statistics: Mapping[str, Any]) -> Path:
+    """Write everything of a checkpoint directory but the weights (removing any old ones).
+
     Files: ``config.json``, ``preprocessor_config.json``, ``generation_config.json``, the tokenizer
     (``tokenizer.model``, ``tokenizer.json``, ``tokenizer_config.json``,
-    ``special_tokens_map.json``, ``added_tokens.json``), ``model.safetensors`` in ``dtype`` and
-    ``dataset_statistics.json`` (as OpenVLA's fine-tuning writes it).
+    ``special_tokens_map.json``, ``added_tokens.json``) and ``dataset_statistics.json`` (as
+    OpenVLA's fine-tuning writes it). Without weights the directory does not load, so a run that
+    fails before its end leaves nothing that looks like a trained checkpoint.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -259,7 +272,6 @@ def write_checkpoint(directory: str | Path, model: OpenVLA, config: Mapping[str,
     _write_json(directory / DATASET_STATISTICS_FILE, dict(dataset_statistics))
     for old in directory.glob('model*.safetensors*'):
         old.unlink()
-    save_weights(model, directory, n_shards=1, dtype=dtype)
     return directory
 
 
@@ -548,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_config = json.loads((Path(opts.base) / CONFIG_FILE).read_text())
         model = OpenVLAPolicy.from_pretrained(opts.base, device='cpu', dtype=torch.float32,
                                               engine='plain').model
-    write_checkpoint(out, model, model_config, stats)  # tokenizer etc. for policy_for
+    write_checkpoint_files(out, model_config, stats)  # the tokenizer etc. policy_for reads
     model.to(device)
     policy = policy_for(model, out, opts.unnorm_key)
     batches = Batches(policy, demos, stats[opts.unnorm_key]['action'], device)
