@@ -433,4 +433,4 @@ def test_servo_config_matches_the_safety_node() -> None:
     assert timeout > _safety_default('action_period')  # above the policy period
     assert timeout > 5.0 / _safety_default('output_rate_hz')  # tolerates missed re-publications
     assert 0.0 < servo['publish_period'] < 1.0 / _safety_default('output_rate_hz')
-    assert 'pose_command_in_topic' not in servo  # pose mode carries no orientation (README)
+    assert 'pose_command_in_topic' not in servo  # pose mode: see docs/servo_and_gripper.md
