@@ -217,3 +217,19 @@ def test_pose_mode_targets_current_tool_pose_plus_limited_delta(domain_id) -> No
                         here.orientation.w])
         assert abs(abs(float(q_t @ q_h)) - 1.0) < 1e-4, (q_t, q_h)
         h.close()
+
+
+def test_latched_estop_publisher_reaches_a_node_started_later(domain_id) -> None:  # noqa: ANN001
+    """A latched publisher's held ``true`` reaches the node through its transient_local reader."""
+    from vla_ros.nodes import qos
+
+    with rclpy_context(domain_id) as ctx:
+        h = SafetyHarness(ctx)
+        latched = h.node.create_publisher(Bool, '/vla/estop', qos.LATCHED)
+        latched.publish(Bool(data=True))  # before the safety node exists
+        safety = NodeProcess('vla_ros.nodes.safety_node', SAFETY_ARGS, env=ros_env(domain_id))
+        with node_processes(safety):
+            assert safety.wait_for_output('safety node ready', 30), safety.output
+            assert h.wait_state(SafetyStatus.STATE_ESTOP, timeout=20.0), safety.output
+            assert 'estop topic' in h.last_status().reason
+        h.close()

@@ -12,8 +12,11 @@ from), so a stale frame stops the arm even while actions keep arriving. A dead V
 seen through the action stream's DDS liveliness: the heartbeat stops, then the limiter stops the
 arm.
 
-Topics (relative; the bringup remaps the external ones): in ``action`` (vla_ros/VlaAction),
-``instruction`` (std_msgs/String, latched), ``estop`` (std_msgs/Bool, latched; true latches),
+Topics (relative; the bringup remaps the external ones), QoS from ``vla_ros.nodes.qos``: in
+``action`` (vla_ros/VlaAction), ``episode`` (vla_ros/Episode, latched, from the instruction's one
+owner, the camera node: a new id or instruction starts an episode, an empty instruction idles),
+``estop`` (std_msgs/Bool, true latches; two subscriptions, volatile for ``ros2 topic pub`` and
+transient_local so that a latched publisher's held ``true`` reaches a restarted node),
 ``joint_states``; out ``twist`` (geometry_msgs/TwistStamped) or ``pose_target``
 (geometry_msgs/PoseStamped), ``gripper_command`` (std_msgs/Float64, 0 open 1 closed),
 ``safety_status`` (latched), ``markers``, ``diagnostics``; services ``~/estop``, ``~/reset``.
@@ -35,18 +38,17 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
 from sensor_msgs.msg import JointState
-from std_msgs.msg import Bool, ColorRGBA, Float64, String
+from std_msgs.msg import Bool, ColorRGBA, Float64
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import Marker, MarkerArray
 
 from vla_ros.core.actions import GripperConvention, gripper_closedness
 from vla_ros.core.errors import VlaRosError
 from vla_ros.core.safety import Decision, SafetyConfig, SafetyLimiter, SafetyState
-from vla_ros.msg import SafetyStatus, VlaAction
-from vla_ros.nodes.camera_node import LATCHED_QOS
+from vla_ros.msg import Episode, SafetyStatus, VlaAction
+from vla_ros.nodes import qos
 from vla_ros.nodes.params import Param, declare
 from vla_ros.nodes.runtime import run_node
-from vla_ros.nodes.vla_node import ACTION_QOS
 
 STATE_COLOURS = {
     SafetyState.IDLE: (0.6, 0.6, 0.6), SafetyState.ACTIVE: (0.1, 0.8, 0.2),
@@ -116,6 +118,7 @@ class SafetyNode(Node):
         self.pose_mode = self.p['output_mode'] == 'pose'
         self._lock = threading.Lock()
         self._vla_alive = False
+        self._episode_key: tuple[int, str] | None = None
         self._last: Decision | None = None
         self._ee_position: np.ndarray | None = None
         self._ee_rotation: np.ndarray | None = None
@@ -125,23 +128,24 @@ class SafetyNode(Node):
         estop_group = MutuallyExclusiveCallbackGroup()
         io_group = MutuallyExclusiveCallbackGroup()
         if self.pose_mode:
-            self._cmd_pub = self.create_publisher(PoseStamped, 'pose_target', 10)
+            self._cmd_pub = self.create_publisher(PoseStamped, 'pose_target', qos.COMMAND)
         else:
-            self._cmd_pub = self.create_publisher(TwistStamped, 'twist', 10)
-        self._grip_pub = self.create_publisher(Float64, 'gripper_command', 10)
-        self._status_pub = self.create_publisher(SafetyStatus, 'safety_status', LATCHED_QOS)
-        self._marker_pub = self.create_publisher(MarkerArray, 'markers', 10)
-        self._diag_pub = self.create_publisher(DiagnosticArray, 'diagnostics', 10)
+            self._cmd_pub = self.create_publisher(TwistStamped, 'twist', qos.COMMAND)
+        self._grip_pub = self.create_publisher(Float64, 'gripper_command', qos.COMMAND)
+        self._status_pub = self.create_publisher(SafetyStatus, 'safety_status', qos.LATCHED)
+        self._marker_pub = self.create_publisher(MarkerArray, 'markers', qos.COMMAND)
+        self._diag_pub = self.create_publisher(DiagnosticArray, 'diagnostics', qos.COMMAND)
 
         events = SubscriptionEventCallbacks(liveliness=self._on_liveliness)
-        self.create_subscription(VlaAction, 'action', self._on_action, ACTION_QOS,
+        self.create_subscription(VlaAction, 'action', self._on_action, qos.ACTION,
                                  callback_group=io_group, event_callbacks=events)
-        self.create_subscription(JointState, 'joint_states', self._on_joint_state, 10,
+        self.create_subscription(JointState, 'joint_states', self._on_joint_state,
+                                 qos.JOINT_STATES, callback_group=io_group)
+        self.create_subscription(Episode, 'episode', self._on_episode, qos.LATCHED,
                                  callback_group=io_group)
-        self.create_subscription(String, 'instruction', self._on_instruction, LATCHED_QOS,
-                                 callback_group=io_group)
-        self.create_subscription(Bool, 'estop', self._on_estop_topic, LATCHED_QOS,
-                                 callback_group=estop_group)
+        for profile in (qos.OPERATOR_INPUT, qos.LATCHED_INPUT):  # CLI and latched publishers
+            self.create_subscription(Bool, 'estop', self._on_estop_topic, profile,
+                                     callback_group=estop_group)
         self.create_service(Trigger, '~/estop', self._on_estop_service,
                             callback_group=estop_group)
         self.create_service(Trigger, '~/reset', self._on_reset_service,
@@ -195,9 +199,13 @@ class SafetyNode(Node):
             if decision.transition:
                 self._publish(decision)
 
-    def _on_instruction(self, msg: String) -> None:
+    def _on_episode(self, msg: Episode) -> None:
+        key = (int(msg.episode_id), msg.instruction.strip())
+        if key == self._episode_key:
+            return  # the same episode again (a re-delivered latched sample)
+        self._episode_key = key
         with self._lock:
-            self._publish(self.limiter.on_instruction(msg.data, self._now()), force_status=True)
+            self._publish(self.limiter.on_instruction(key[1], self._now()), force_status=True)
 
     def _on_liveliness(self, event) -> None:  # noqa: ANN001 - rclpy event type
         alive = event.alive_count > 0

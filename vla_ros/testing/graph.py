@@ -1,8 +1,9 @@
 """A test-side node that drives the safety node over DDS and records what comes out.
 
-Used by the graph tests and by ``bench/bench_safety_graph.py``: it publishes actions,
-instructions and e-stops with the same QoS as the real nodes, calls the safety node's services,
-and keeps every twist, gripper command and status with its receipt time.
+Used by the graph tests and by ``bench/bench_safety_graph.py``: it publishes actions and the
+current episode as the real nodes do (``episode`` latched, as the camera node publishes it),
+e-stops with ``ros2 topic pub``'s default QoS (reliable, volatile), calls the safety node's
+services, and keeps every twist, gripper command and status with its receipt time.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ import numpy as np
 import rclpy
 from geometry_msgs.msg import TwistStamped
 from rclpy.executors import ExternalShutdownException
-from std_msgs.msg import Bool, Float64, String
+from std_msgs.msg import Bool, Float64
 from std_srvs.srv import Trigger
 
-from vla_ros.msg import SafetyStatus, VlaAction
-from vla_ros.nodes.camera_node import LATCHED_QOS
-from vla_ros.nodes.vla_node import ACTION_QOS
+from vla_ros.msg import Episode, SafetyStatus, VlaAction
+from vla_ros.nodes import qos
 
 
 @dataclass
@@ -44,9 +44,10 @@ class SafetyHarness:
     def __init__(self, ctx, ns: str = '/vla', twist_topic: str = '/servo_node/delta_twist_cmds'
                  ) -> None:  # noqa: ANN001
         self.node = rclpy.create_node('safety_harness', context=ctx)
-        self.action_pub = self.node.create_publisher(VlaAction, f'{ns}/action', ACTION_QOS)
-        self.instr_pub = self.node.create_publisher(String, f'{ns}/instruction', LATCHED_QOS)
-        self.estop_pub = self.node.create_publisher(Bool, f'{ns}/estop', LATCHED_QOS)
+        self.action_pub = self.node.create_publisher(VlaAction, f'{ns}/action', qos.ACTION)
+        self.episode_pub = self.node.create_publisher(Episode, f'{ns}/episode', qos.LATCHED)
+        # ``ros2 topic pub``'s default QoS: reliable, volatile.
+        self.estop_pub = self.node.create_publisher(Bool, f'{ns}/estop', qos.OPERATOR_INPUT)
         self.twists: list[Received] = []
         self.statuses: list[Received] = []
         self.grippers: list[Received] = []
@@ -55,9 +56,9 @@ class SafetyHarness:
         self.node.create_subscription(TwistStamped, twist_topic,
                                       lambda m: self._keep(self.twists, m), 50)
         self.node.create_subscription(SafetyStatus, f'{ns}/safety_status',
-                                      lambda m: self._keep(self.statuses, m), LATCHED_QOS)
+                                      lambda m: self._keep(self.statuses, m), qos.LATCHED)
         self.node.create_subscription(Float64, f'{ns}/gripper_command',
-                                      lambda m: self._keep(self.grippers, m), 10)
+                                      lambda m: self._keep(self.grippers, m), qos.COMMAND)
         self.estop_client = self.node.create_client(Trigger, f'{ns}/safety_node/estop')
         self.reset_client = self.node.create_client(Trigger, f'{ns}/safety_node/reset')
         self.executor = rclpy.executors.SingleThreadedExecutor(context=ctx)
@@ -65,6 +66,7 @@ class SafetyHarness:
         self._thread = threading.Thread(target=self._spin, daemon=True)
         self._thread.start()
         self._episode = 0
+        self._instruction = ''
 
     def _spin(self) -> None:
         with contextlib.suppress(ExternalShutdownException):  # close() ends the spin
@@ -81,9 +83,12 @@ class SafetyHarness:
 
     # -- inputs ---------------------------------------------------------------------------
     def instruct(self, text: str) -> None:
-        """Publish an instruction (latched), as ``ros2 topic pub`` would."""
+        """Start a new episode with ``text`` (empty = idle), as the camera node announces it."""
         self._episode += 1
-        self.instr_pub.publish(String(data=text))
+        self._instruction = text.strip()
+        msg = Episode(episode_id=self._episode, instruction=self._instruction)
+        msg.header.stamp = self.node.get_clock().now().to_msg()
+        self.episode_pub.publish(msg)
 
     def action(self, delta: list[float] | np.ndarray, *, stamp_offset: float = 0.0,
                episode: int | None = None) -> VlaAction:
@@ -93,7 +98,7 @@ class SafetyHarness:
         msg.header.stamp = now.to_msg()
         msg.episode_id = self._episode if episode is None else episode
         msg.delta = np.asarray(delta, dtype=np.float64)
-        msg.instruction = 'test'
+        msg.instruction = self._instruction
         self.action_pub.publish(msg)
         return msg
 
@@ -117,6 +122,7 @@ class SafetyHarness:
         while time.monotonic() < end:
             if (self.action_pub.get_subscription_count()
                     and self.estop_pub.get_subscription_count()
+                    and self.episode_pub.get_subscription_count()
                     and self.reset_client.service_is_ready() and self.twists
                     and all(self.node.count_publishers(t) for t in self._outputs)):
                 return True
