@@ -74,8 +74,8 @@ def test_matches_hf_greedy_unconstrained_and_constrained(n_kv_heads, device):
     constrained = DecodeEngine(model, max_seq_len=64, allowed_token_ids=allowed)
     for seed, (length, n) in enumerate([(5, 7), (17, 3), (30, 12), (1, 1), (50, 7)]):
         emb = prefix(ref_model, length, seed)
-        assert free.generate(emb, n).tolist() == hf_greedy(ref_model, emb, n)
-        got = constrained.generate(emb, n).tolist()
+        assert free.generate(emb, n).tokens.tolist() == hf_greedy(ref_model, emb, n)
+        got = constrained.generate(emb, n).tokens.tolist()
         assert got == hf_greedy(ref_model, emb, n, allowed)
         assert all(200 <= t < 300 for t in got)
     if device == 'cuda':
@@ -88,16 +88,16 @@ def test_cache_reuse_does_not_leak_between_calls(device):
     engine = DecodeEngine(model, max_seq_len=64, allowed_token_ids=None)
     long_emb, short_emb = prefix(model, 40, 1), prefix(model, 6, 2)
     fresh_short = DecodeEngine(tiny_llama(seed=1, device=device),
-                               max_seq_len=64).generate(short_emb, 9)
-    first_long = engine.generate(long_emb, 9)
-    assert engine.generate(short_emb, 9).tolist() == fresh_short.tolist()
-    assert engine.generate(long_emb, 9).tolist() == first_long.tolist()
+                               max_seq_len=64).generate(short_emb, 9).tokens
+    first_long = engine.generate(long_emb, 9).tokens
+    assert engine.generate(short_emb, 9).tokens.tolist() == fresh_short.tolist()
+    assert engine.generate(long_emb, 9).tokens.tolist() == first_long.tolist()
 
 
 def test_output_is_not_a_view_of_engine_buffers():
     model = tiny_llama(seed=2)
     engine = DecodeEngine(model, max_seq_len=32)
-    a = engine.generate(prefix(model, 4, 0), 5)
+    a = engine.generate(prefix(model, 4, 0), 5).tokens
     snapshot = a.clone()
     engine.generate(prefix(model, 9, 1), 5)
     assert torch.equal(a, snapshot)
@@ -174,7 +174,7 @@ def test_engine_with_int4_layers_matches_hf_greedy_on_the_same_quantized_model(
         # int4 layers compute in bf16, where near-ties can flip between the engine's and HF's
         # kernel orders: check each token is HF's argmax given the engine's own prefix, up to
         # bf16 noise (teacher forcing, so one flip does not cascade).
-        assert_greedy_under_hf(model, emb, engine.generate(emb, n).tolist(), tol=0.05)
+        assert_greedy_under_hf(model, emb, engine.generate(emb, n).tokens.tolist(), tol=0.05)
 
 
 def assert_greedy_under_hf(model, emb, tokens, tol):

@@ -327,6 +327,36 @@ def test_unconstrained_non_action_token(tiny_dir, engine, token_id, bin_value):
     assert all(256 <= t <= 511 for t in constrained.token_ids)
 
 
+@pytest.mark.parametrize('engine', ['plain', 'fast'])
+@pytest.mark.parametrize('constrain', [True, False])
+def test_token_confidence_is_the_softmax_of_the_reference_logits(tiny_dir, engine, constrain):
+    pol = OpenVLAPolicy.from_pretrained(tiny_dir, unnorm_key='bridge_orig', engine=engine,
+                                        constrain_actions=constrain)
+    first, last = pol.action_tokenizer.action_token_range
+    for seed, instruction in enumerate(('pick up the black bowl', 'wipe the table')):
+        img = random_image(20 + seed)
+        out = pol.predict(img, instruction)
+        assert out.token_probs.shape == out.token_margins.shape == (7,)
+        # the reference: transformers' forward over the prefix and the chosen tokens
+        ids = torch.tensor([pol.prompt_ids(instruction) + list(out.token_ids[:-1])])
+        with torch.no_grad():
+            logits = pol.model.forward_logits(pol.pixel_values(img), ids)[0, -7:].double()
+        offset = 0
+        if constrain:
+            logits, offset = logits[:, first:last + 1], first
+        probs = torch.softmax(logits, dim=-1)
+        top2 = probs.topk(2, dim=-1).values
+        chosen = torch.tensor(out.token_ids) - offset
+        assert torch.equal(probs.argmax(-1), chosen)
+        np.testing.assert_allclose(out.token_probs, probs[torch.arange(7), chosen].numpy(),
+                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(out.token_margins, (top2[:, 0] - top2[:, 1]).numpy(),
+                                   rtol=1e-4, atol=1e-6)
+        assert np.all((out.token_margins >= 0) & (out.token_margins <= out.token_probs))
+        assert np.all((out.token_probs > 0) & (out.token_probs <= 1))
+        assert out.token_probs.min() < 0.9  # not saturated: the comparison says something
+
+
 def test_fast_engine_matches_plain(tiny_dir, policy):
     fast = OpenVLAPolicy.from_pretrained(tiny_dir, unnorm_key='bridge_orig', engine='fast')
     for seed in range(3):

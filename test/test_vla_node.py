@@ -88,6 +88,10 @@ def test_publishes_one_stamped_action_per_processed_observation(
         expected = policy.predict(img, sent.instruction)
         np.testing.assert_array_equal(a.token_ids, expected.token_ids)
         np.testing.assert_allclose(a.delta, expected.action, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(a.token_probs, expected.token_probs, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a.token_margins, expected.token_margins, rtol=1e-5,
+                                   atol=1e-7)
+        assert np.all((a.token_margins >= 0) & (a.token_probs <= 1)) and a.token_probs.min() > 0
 
         # A burst of observations: the latest wins, no backlog builds up.
         h.actions.clear()

@@ -212,6 +212,8 @@ class VlaNode(LifecycleNode):
         msg.delta = np.asarray(out.action, dtype=np.float64)
         msg.normalized = np.asarray(out.normalized, dtype=np.float64)
         msg.token_ids = np.asarray(out.token_ids, dtype=np.int32)
+        msg.token_probs = np.asarray(out.token_probs, dtype=np.float32)
+        msg.token_margins = np.asarray(out.token_margins, dtype=np.float32)
         msg.inference_ms = float(out.timings.get('total', elapsed_ms))
         msg.instruction = obs.instruction
         self._action_pub.publish(msg)

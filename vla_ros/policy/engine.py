@@ -32,6 +32,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -86,6 +87,36 @@ def rope_tables(config, positions: int, device, dtype) -> tuple[Tensor, Tensor]:
     freqs = torch.arange(positions, device=device, dtype=torch.float)[:, None] * inv_freq[None]
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+class Decoded(NamedTuple):
+    """What a greedy decode returns, each (n_tokens,) on the engine's device.
+
+    ``tokens``: the chosen ids (long). ``probs``: the probability of each chosen token (float32;
+    softmax over the allowed ids when decoding is constrained, over the whole vocabulary
+    otherwise). ``margins``: ``probs`` minus the runner-up token's probability (>= 0).
+    """
+
+    tokens: Tensor
+    probs: Tensor
+    margins: Tensor
+
+
+def pick_tokens(logits: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Greedy choice with its confidence: ``(ids, p_chosen, p_chosen - p_runner_up)``.
+
+    ``logits`` (..., vocab) in any float dtype; ``bias`` (vocab,) holds 0 for allowed ids and
+    -inf for the others (None: every id allowed), so the softmax runs over the allowed ids
+    only. All on the device, no host sync: it runs inside the captured graphs.
+    """
+    logits = logits.float()
+    if bias is not None:
+        logits = logits + bias
+    ids = logits.argmax(dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    top2 = probs.topk(2, dim=-1).values
+    chosen = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return ids, chosen, chosen - top2[..., 1]
 
 
 def _plain_linear(m: nn.Module) -> bool:
@@ -241,6 +272,8 @@ class DecodeEngine:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.step = torch.zeros(1, dtype=torch.long, device=dev)
         self.out_tokens = torch.zeros(s, dtype=torch.long, device=dev)
+        self.out_probs = torch.zeros(s, dtype=torch.float32, device=dev)
+        self.out_margins = torch.zeros(s, dtype=torch.float32, device=dev)
 
     # -- the forward -------------------------------------------------------------------------
 
@@ -281,19 +314,24 @@ class DecodeEngine:
         return x + lay.down(F.silu(gate) * up)
 
     def _forward(self, x: Tensor, cos: Tensor, sin: Tensor, last: Tensor | None,
-                 decode_pos: Tensor | None = None, decode_mask: Tensor | None = None) -> Tensor:
-        """Run all layers on x (1, T, hidden); return the next-token id (1,).
+                 decode_pos: Tensor | None = None,
+                 decode_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Run all layers on x (1, T, hidden); return the next token (``pick_tokens``), (1,) each.
 
-        The id is read off row ``last`` (a (1,) index tensor; None: the last row).
+        The token is read off row ``last`` (a (1,) index tensor; None: the last row).
         """
         for i, lay in enumerate(self.layers):
             x = self._attention_block(i, lay, x, cos, sin, decode_pos, decode_mask)
             x = self._mlp_block(lay, x)
         x = x[:, -1] if last is None else x.index_select(1, last)[:, 0]
-        logits = self.lm_head(rms_norm(x, self.norm, self.eps)).float()
-        if self.logit_bias is not None:
-            logits = logits + self.logit_bias
-        return logits.argmax(dim=-1)
+        return pick_tokens(self.lm_head(rms_norm(x, self.norm, self.eps)), self.logit_bias)
+
+    def _record(self, index: Tensor, picked: tuple[Tensor, Tensor, Tensor]) -> None:
+        nxt, prob, margin = picked
+        self.token.copy_(nxt)
+        self.out_tokens.index_copy_(0, index, nxt)
+        self.out_probs.index_copy_(0, index, prob)
+        self.out_margins.index_copy_(0, index, margin)
 
     def _prefill(self, x: Tensor) -> None:
         """Prefill the cache from the padded prefix x (1, T, hidden).
@@ -302,9 +340,8 @@ class DecodeEngine:
         step for the decode steps.
         """
         t = x.shape[1]
-        nxt = self._forward(x, self.cos[:t], self.sin[:t], self.prefix_len - 1)
-        self.token.copy_(nxt)
-        self.out_tokens[:1].copy_(nxt)
+        self.step.zero_()
+        self._record(self.step, self._forward(x, self.cos[:t], self.sin[:t], self.prefix_len - 1))
         self.pos.copy_(self.prefix_len)
         self.step.fill_(1)
 
@@ -313,9 +350,7 @@ class DecodeEngine:
         x = F.embedding(self.token, self.embed).view(1, 1, -1)
         cos, sin = self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)
         mask = (self.positions <= self.pos).view(1, 1, 1, -1)
-        nxt = self._forward(x, cos, sin, None, self.pos, mask)
-        self.token.copy_(nxt)
-        self.out_tokens.index_copy_(0, self.step, nxt)
+        self._record(self.step, self._forward(x, cos, sin, None, self.pos, mask))
         self.pos.add_(1)
         self.step.add_(1)
 
@@ -373,11 +408,11 @@ class DecodeEngine:
 
     # -- public ------------------------------------------------------------------------------
 
-    def generate(self, inputs_embeds: Tensor, n_tokens: int = 7) -> Tensor:
+    def generate(self, inputs_embeds: Tensor, n_tokens: int = 7) -> Decoded:
         """Greedy-decode ``n_tokens`` after the prefix.
 
-        Returns a LongTensor (n_tokens,) on the engine's device (a fresh tensor, not a view of
-        the engine's buffers).
+        Returns ``Decoded`` (tokens, probs, margins), each (n_tokens,) on the engine's device
+        (fresh tensors, not views of the engine's buffers).
 
         ``inputs_embeds`` is (1, L, hidden) in the model's dtype (what ``embed_prefix`` returns).
         The call's state lives in the cache positions it writes; positions left over from
@@ -421,7 +456,8 @@ class DecodeEngine:
                     self._decode_graph.replay()
                 else:
                     self._step_fn()
-            return self.out_tokens[:n_tokens].clone()
+            return Decoded(self.out_tokens[:n_tokens].clone(), self.out_probs[:n_tokens].clone(),
+                           self.out_margins[:n_tokens].clone())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,19 +60,25 @@ class PolicyOutput:
 
     ``action``: the un-normalized action (float64, ``(action_dim,)``, robot units; the gripper
     raw where the dataset's mask is false). ``normalized``: the de-tokenized action in [-1, 1].
-    ``token_ids``: the generated ids. ``timings``: milliseconds for ``preprocess``, ``vision``,
-    ``llm`` (prefill + decode; the plain engine also reports ``prefill`` and ``decode``) and
-    ``total``, measured after a device synchronization. Arrays are read-only.
+    ``token_ids``: the generated ids. ``token_probs``: the probability of each chosen token
+    (softmax over the 256 action ids when decoding is constrained, over the whole vocabulary
+    otherwise); ``token_margins``: each one's lead over the runner-up token (``p_chosen -
+    p_second``, in [0, 1]); both for confidence gating. ``timings``: milliseconds for
+    ``preprocess``, ``vision``, ``llm`` (prefill + decode; the plain engine also reports
+    ``prefill`` and ``decode``) and ``total``, measured after a device synchronization. Arrays
+    are read-only.
     """
 
     action: np.ndarray
     normalized: np.ndarray
     token_ids: tuple[int, ...]
+    token_probs: np.ndarray
+    token_margins: np.ndarray
     timings: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Freeze the arrays and the timings."""
-        for name in ('action', 'normalized'):
+        for name in ('action', 'normalized', 'token_probs', 'token_margins'):
             arr = np.array(getattr(self, name), dtype=np.float64, copy=True)
             arr.setflags(write=False)
             object.__setattr__(self, name, arr)
@@ -443,10 +449,11 @@ class OpenVLAPolicy:
             clock.lap('vision')
             embeds = self._model.embed_prefix(pixels, input_ids, patch_embeddings=patches)
             if self._engine is not None:
-                tokens = self._engine.generate(embeds, n_tokens=self.action_dim)
+                tokens, probs, margins = self._engine.generate(embeds, n_tokens=self.action_dim)
                 clock.lap('llm')
             else:
-                tokens = self._greedy(embeds, clock)
+                tokens, probs, margins = self._greedy(embeds, clock)
+            probs, margins = probs.cpu().numpy(), margins.cpu().numpy()
         token_ids = [int(t) for t in tokens.flatten().tolist()]
         normalized = self._action_tokenizer.decode(np.asarray(token_ids, dtype=np.int64))
         action = unnormalize(normalized, self._stats)
@@ -454,30 +461,26 @@ class OpenVLAPolicy:
         if 'prefill' in timings:
             timings['llm'] = timings['prefill'] + timings['decode']
         return PolicyOutput(action=action, normalized=normalized, token_ids=tuple(token_ids),
-                            timings=timings)
+                            token_probs=probs, token_margins=margins, timings=timings)
 
     __call__ = predict
 
     # -- decoding --------------------------------------------------------------------------
 
-    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self._constrain:
-            logits = logits + self._logit_bias
-        return logits.argmax(dim=-1)
-
-    def _greedy(self, inputs_embeds: torch.Tensor, clock: _Clock) -> torch.Tensor:
+    def _greedy(self, inputs_embeds: torch.Tensor,
+                clock: _Clock) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Greedy-decode ``action_dim`` tokens with the transformers Llama and its KV cache."""
+        from vla_ros.policy.engine import pick_tokens
+
+        bias = self._logit_bias if self._constrain else None
         logits, cache = self._model.prefill(inputs_embeds)
-        token = self._pick(logits)
+        picked = [pick_tokens(logits, bias)]
         clock.lap('prefill')
-        tokens = [token]
         for _ in range(self.action_dim - 1):
-            logits, cache = self._model.decode_step(token, cache)
-            token = self._pick(logits)
-            tokens.append(token)
+            logits, cache = self._model.decode_step(picked[-1][0], cache)
+            picked.append(pick_tokens(logits, bias))
         clock.lap('decode')
-        return torch.cat(tokens)
+        return tuple(torch.cat(parts) for parts in zip(*picked, strict=True))
 
 
 def _quant_methods() -> tuple[str, ...]:
