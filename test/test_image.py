@@ -19,6 +19,7 @@ from vla_ros.core.image import (
     ENCODINGS,
     ImageConfig,
     center_crop_resize,
+    decode_compressed,
     decode_image,
     encode_image,
     jpeg_roundtrip,
@@ -679,3 +680,64 @@ def test_normalization_falls_back_to_image_mean_std():
 def test_normalization_config_errors_name_the_field(cfg, fragment):
     with pytest.raises(CheckpointError, match=fragment):
         normalization_from_preprocessor_config(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# decode_compressed (image_transport's compressed transport)
+# --------------------------------------------------------------------------------------------
+
+
+def _cv_encode(ext, pixels, *params):
+    import cv2
+    ok, out = cv2.imencode(ext, np.ascontiguousarray(pixels), list(params))
+    assert ok
+    return out.tobytes()
+
+
+@pytest.mark.parametrize('fmt', ['rgb8; png compressed bgr8', 'bgr8; png compressed bgr8',
+                                 'png', 'PNG', ''])
+def test_decode_compressed_png_is_exact_rgb(fmt):
+    rgb = np.random.default_rng(5).integers(0, 256, (17, 23, 3), dtype=np.uint8)
+    got, codec = decode_compressed(_cv_encode('.png', rgb[:, :, ::-1]), fmt)
+    assert codec == 'png'
+    np.testing.assert_array_equal(got, rgb)
+
+
+def test_decode_compressed_mono_alpha_and_jpeg():
+    grey = np.arange(12 * 10, dtype=np.uint8).reshape(12, 10)
+    got, _ = decode_compressed(_cv_encode('.png', grey), 'mono8; png compressed ')
+    np.testing.assert_array_equal(got, np.repeat(grey[:, :, None], 3, axis=2))
+    bgra = np.random.default_rng(6).integers(0, 256, (8, 9, 4), dtype=np.uint8)
+    got, _ = decode_compressed(_cv_encode('.png', bgra), 'bgra8; png compressed bgr8')
+    np.testing.assert_array_equal(got, bgra[:, :, 2::-1])
+    flat = np.full((16, 16, 3), (200, 40, 10), np.uint8)  # JPEG keeps a flat colour closely
+    got, codec = decode_compressed(_cv_encode('.jpg', flat[:, :, ::-1]),
+                                   'rgb8; jpeg compressed bgr8')
+    assert codec == 'jpeg' and np.abs(got.astype(int) - flat).max() <= 3
+
+
+@pytest.mark.parametrize('fmt, data, fragment', [
+    ('rgb8; h264 compressed bgr8', b'\xff\xd8\xff\xd9', 'unsupported compressed image format'),
+    ('16UC1; compressedDepth png', b'', 'unsupported compressed image format'),
+    ('jpeg', b'', 'neither JPEG nor PNG'),
+    ('jpeg', b'\x89PNG\r\n\x1a\n' + b'\0' * 20, 'but the data is png'),
+    ('jpeg', b'\xff\xd8\xff\xe0' + b'\1' * 50, 'truncated jpeg'),
+])
+def test_decode_compressed_rejects(fmt, data, fragment):
+    with pytest.raises(ImageError, match=fragment):
+        decode_compressed(data, fmt)
+
+
+def test_decode_compressed_rejects_16_bit():
+    deep = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    with pytest.raises(ImageError, match='only 8-bit'):
+        decode_compressed(_cv_encode('.png', deep), '16UC1; png compressed ')
+
+
+def test_preprocess_skips_the_roundtrip_only_for_a_decoded_jpeg():
+    rgb = np.random.default_rng(7).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    config = ImageConfig(size=32)
+    assert not np.array_equal(preprocess(rgb, config), preprocess(rgb, config, jpeg_decoded=True))
+    np.testing.assert_array_equal(
+        preprocess(rgb, config, jpeg_decoded=True),
+        preprocess(rgb, dataclasses.replace(config, jpeg_roundtrip=False)))

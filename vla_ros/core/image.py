@@ -1,7 +1,9 @@
 """Camera frames for OpenVLA: sensor_msgs/Image decoding and the model's image preprocessing.
 
 ``decode_image`` turns the fields of a sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8, mono8, rows
-possibly padded) into an HxWx3 uint8 RGB array and ``encode_image`` is its inverse for rgb8/bgr8.
+possibly padded) into an HxWx3 uint8 RGB array and ``encode_image`` is its inverse for rgb8/bgr8;
+``decode_compressed`` does the same for a sensor_msgs/CompressedImage of image_transport's
+``compressed`` transport (JPEG or PNG, decoded with OpenCV) and says whether it was a JPEG.
 ``preprocess`` reproduces what OpenVLA's published evaluation scripts do to a frame before the HF
 processor sees it, in this order: optional 180-degree rotation and flips (LIBERO frames are
 rotated), a JPEG round trip at quality 95 (the training data was stored as JPEG), a resize to
@@ -36,10 +38,12 @@ from vla_ros.core.errors import CheckpointError, ConfigError, ImageError
 __all__ = [
     "ENCODINGS",
     "ENCODABLE",
+    "COMPRESSED_CODECS",
     "JPEG_QUALITY",
     "RESIZE_FILTERS",
     "ImageConfig",
     "center_crop_resize",
+    "decode_compressed",
     "decode_image",
     "encode_image",
     "jpeg_roundtrip",
@@ -69,6 +73,10 @@ ENCODABLE: tuple[str, ...] = ("rgb8", "bgr8")
 RESIZE_FILTERS: tuple[str, ...] = ("lanczos", "bicubic")
 #: JPEG quality of the round trip (the default of ``tf.image.encode_jpeg``).
 JPEG_QUALITY = 95
+#: Codecs of image_transport's ``compressed`` transport that ``decode_compressed`` accepts.
+COMPRESSED_CODECS: tuple[str, ...] = ("jpeg", "png")
+# How each codec's stream starts and ends (JPEG: SOI ... EOI; PNG: signature ... IEND chunk).
+_MAGIC = {"jpeg": (b"\xff\xd8\xff", b"\xff\xd9"), "png": (b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82")}
 
 _MAX_SIZE = 4096
 _LANCZOS_RADIUS = np.float32(3.0)
@@ -171,6 +179,83 @@ def decode_image(
         return np.repeat(pixels, 3, axis=2)
     rgb = pixels[:, :, :3] if channels == (0, 1, 2) else pixels[:, :, 2::-1]
     return np.array(rgb, dtype=np.uint8, order="C", copy=True)
+
+
+def _compressed_codec(fmt: str) -> str | None:
+    """The codec named by a CompressedImage ``format`` (None when it names none).
+
+    image_transport's compressed publisher writes ``"<encoding>; jpeg compressed <target>"`` or
+    ``"<encoding>; png compressed <target>"`` (e.g. ``"rgb8; jpeg compressed bgr8"``,
+    ``"mono8; png compressed "``); older publishers write just ``"jpeg"`` or ``"png"``.
+    """
+    text = fmt.strip().lower()
+    if ";" in text:
+        words = text.split(";", 1)[1].split()
+        if len(words) >= 2 and words[1] == "compressed":
+            return words[0]
+        return words[0] if words else None
+    return text or None
+
+
+def decode_compressed(data: bytes | bytearray | memoryview | np.ndarray,
+                      fmt: str) -> tuple[np.ndarray, str]:
+    """Decode the fields of a sensor_msgs/CompressedImage into an RGB array.
+
+    The stream is decoded with OpenCV (``cv2.imdecode``), as image_transport's compressed
+    subscriber does: colour comes out in OpenCV's BGR order whatever the original encoding
+    (the publisher converts colour frames to bgr8 before compressing) and is returned as RGB;
+    a grey frame is replicated to three channels and an alpha channel dropped.
+
+    Args:
+        data: The compressed bytes.
+        fmt: The message's ``format`` field; its codec must be one of ``COMPRESSED_CODECS``
+            (an empty format is accepted and the codec taken from the data).
+
+    Returns:
+        ``(rgb, codec)``: a new ``(H, W, 3)`` uint8 RGB array and ``"jpeg"`` or ``"png"``, the
+        codec the data really holds (what tells the preprocessing that a JPEG round trip has
+        already happened).
+
+    Raises:
+        ImageError: An unsupported codec, data that is not a complete JPEG/PNG stream of the
+            declared codec (empty, truncated, garbage), or a frame that is not 8-bit.
+
+    """
+    declared = _compressed_codec(fmt) if isinstance(fmt, str) else None
+    if declared is not None and declared not in COMPRESSED_CODECS:
+        raise ImageError(
+            f"unsupported compressed image format {fmt!r}; supported codecs: "
+            f"{', '.join(COMPRESSED_CODECS)}"
+        )
+    buf = _as_byte_array(data)
+    raw = buf.tobytes()
+    found = next((c for c, (head, _) in _MAGIC.items() if raw.startswith(head)), None)
+    if found is None:
+        raise ImageError(
+            f"compressed image data ({buf.size} bytes) is neither JPEG nor PNG "
+            f"(starts with {raw[:8]!r}; format {fmt!r})"
+        )
+    if declared is not None and found != declared:
+        raise ImageError(f"compressed image format {fmt!r} but the data is {found}")
+    # A truncated stream: some decoders return the decoded part without an error.
+    if not raw.rstrip(b"\x00").endswith(_MAGIC[found][1]):
+        raise ImageError(
+            f"truncated {found} data ({buf.size} bytes): no end-of-image marker"
+        )
+    import cv2  # lazy: only the compressed transport needs OpenCV
+
+    decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if decoded is None or decoded.size == 0:
+        raise ImageError(f"corrupt {found} data ({buf.size} bytes): OpenCV could not decode it")
+    if decoded.dtype != np.uint8:
+        raise ImageError(
+            f"compressed image is {decoded.dtype} ({fmt!r}); only 8-bit frames are supported"
+        )
+    if decoded.ndim == 2:
+        return np.repeat(decoded[:, :, None], 3, axis=2), found
+    if decoded.ndim != 3 or decoded.shape[2] not in (3, 4):
+        raise ImageError(f"compressed image has an unsupported shape {decoded.shape}")
+    return np.ascontiguousarray(decoded[:, :, 2::-1]), found
 
 
 def _check_rgb(rgb: Any, what: str) -> np.ndarray:
@@ -464,16 +549,24 @@ def center_crop_resize(rgb: np.ndarray, crop_scale: float, size: int) -> np.ndar
     return np.clip(np.trunc(crop), 0, 255).astype(np.uint8)
 
 
-def preprocess(rgb: np.ndarray, config: ImageConfig) -> np.ndarray:
+def preprocess(rgb: np.ndarray, config: ImageConfig, *, jpeg_decoded: bool = False
+               ) -> np.ndarray:
     """Turn a decoded RGB frame into the ``size`` x ``size`` uint8 image the model sees.
 
     Order: rotate/flip -> JPEG round trip -> resize to ``size`` x ``size`` -> optional center
     crop resized back to ``size``. The result feeds ``normalize_for_backbones`` (the HF
     processor's own bicubic resize is then the identity, as the image already has its size).
 
+    A frame that arrived as a JPEG (``jpeg_decoded``) has had its JPEG round trip: the round
+    trip exists because the training frames were stored as JPEG and decoded by the loader, and
+    the camera's JPEG decoded once is that. It is not encoded a second time; the difference
+    from the evaluation scripts is only the encoder's quality (the camera's, not 95) and that
+    the JPEG comes before, not after, a rotation or flip.
+
     Args:
         rgb: A ``(H, W, 3)`` uint8 array (e.g. from ``decode_image``); not modified.
         config: The preprocessing choices.
+        jpeg_decoded: ``rgb`` is a decoded JPEG (``decode_compressed`` said ``"jpeg"``).
 
     Returns:
         A new C-contiguous ``(size, size, 3)`` uint8 array.
@@ -484,7 +577,7 @@ def preprocess(rgb: np.ndarray, config: ImageConfig) -> np.ndarray:
     """
     rgb = _check_rgb(rgb, "input image")
     image = orient(rgb, config.rotate_180, config.flip_horizontal, config.flip_vertical)
-    if config.jpeg_roundtrip:
+    if config.jpeg_roundtrip and not jpeg_decoded:
         image = jpeg_roundtrip(image)
     image = resize_square(image, config.size, config.resize_filter)
     if config.center_crop:
