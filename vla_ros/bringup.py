@@ -30,6 +30,14 @@ class LaunchArgument:
 #: The small OpenVLA trained on the simulated tasks, in ``checkpoints/`` (see its README).
 DEFAULT_CHECKPOINT = 'sim_tabletop'
 
+#: The nodes each ``role`` starts: the robot host keeps everything that touches the arm, the
+#: inference host (the GPU) only the policy; they meet over DDS (docs/fleet.md).
+ROLES: Mapping[str, tuple[str, ...]] = {
+    'all': ('camera_node', 'vla_node', 'safety_node', 'sim_arm_node'),
+    'robot': ('camera_node', 'safety_node', 'sim_arm_node'),
+    'inference': ('vla_node',),
+}
+
 LAUNCH_ARGUMENTS: tuple[LaunchArgument, ...] = (
     LaunchArgument('namespace', 'vla', 'Namespace of the VLA nodes (one per arm).'),
     LaunchArgument('model_path', '',
@@ -57,6 +65,10 @@ LAUNCH_ARGUMENTS: tuple[LaunchArgument, ...] = (
     LaunchArgument('joint_states_topic', '/joint_states', 'sensor_msgs/JointState of the arm.'),
     LaunchArgument('log_level', 'info', 'Log level of all nodes.',
                    ('debug', 'info', 'warn', 'error')),
+    LaunchArgument('role', 'all',
+                   'Which nodes this host starts: all; robot = camera and safety nodes (and the '
+                   'simulated arm with use_sim); inference = the VLA node (docs/fleet.md).',
+                   tuple(ROLES)),
 )
 
 DEFAULTS: Mapping[str, str] = {a.name: a.default for a in LAUNCH_ARGUMENTS}
@@ -149,7 +161,7 @@ def node_specs(values: Mapping[str, str] | None = None) -> list[NodeSpec]:
                         ('task_success', '/sim/task_success'),
                         ('world_state', '/sim/world_state')),
             namespaced=False))
-    return specs
+    return [s for s in specs if s.name in ROLES[args['role']]]
 
 
 def ros_args(spec: NodeSpec, namespace: str, log_level: str = 'info') -> list[str]:
