@@ -1,4 +1,4 @@
-"""A kinematic 7-DoF arm that integrates end-effector twists, standing in for MoveIt Servo.
+"""A 7-DoF arm that integrates end-effector twists, standing in for MoveIt Servo and a driver.
 
 ``SimArm`` holds joint positions and a parallel gripper, and moves them only through what a
 servo driver would do: a Cartesian twist in the base frame becomes joint velocities by damped
@@ -8,14 +8,18 @@ limits. It never crosses a limit; instead it counts every clamp, and it ignores 
 non-finite commands, holding still. A zero twist holds the pose exactly. The gripper closes and
 opens at a limited rate and can be stopped by a grasped object. A pose-target mode moves the
 end effector by one 7D delta (OpenVLA / Bridge convention) over one action period, closing the
-loop on the pose inside the period so that orientation drift does not accumulate.
+loop on the pose inside the period so that orientation drift does not accumulate. What the
+servo integrates is the commanded (reference) configuration; with a ``ContactSolver`` the actual
+configuration settles between it and the obstacles through joint springs (``vla_ros.sim.contact``)
+and the arm reports its contacts, external joint torques and tool wrench; without one the
+actual configuration is the reference, a purely kinematic arm.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +32,7 @@ from vla_ros.core.kinematics import (
     rotation_to_quat_xyzw,
     solve_twist,
 )
+from vla_ros.sim.contact import Contact, ContactSolver, external_torque, tool_wrench
 
 __all__ = ['ArmCounters', 'SimArm', 'rotation_to_quat_xyzw']
 
@@ -92,6 +97,10 @@ class SimArm:
         gripper_speed: how fast the gripper closedness may change [1/s] (1 / full-stroke time).
         action_period: the default period of ``apply_delta`` [s] (0.2 s for a 5 Hz policy).
         velocity_scale: the fraction of the URDF joint velocity limits the arm may use.
+        contact: settles the actual configuration against obstacles (None: kinematic arm).
+
+    ``on_substep``, when set, is called after every integration sub-step (the world attaches
+    grasped blocks and records contact there).
 
     Raises:
         ConfigError: a parameter is out of range.
@@ -101,7 +110,8 @@ class SimArm:
 
     def __init__(self, kinematics: ArmKinematics, q0: Sequence[float] | None = None,
                  dt: float = 0.01, damping: float = 0.02, gripper_speed: float = 2.5,
-                 action_period: float = 0.2, velocity_scale: float = 1.0) -> None:
+                 action_period: float = 0.2, velocity_scale: float = 1.0,
+                 contact: ContactSolver | None = None) -> None:
         """Build the arm at ``q0`` with the gripper open."""
         if not isinstance(kinematics, ArmKinematics):
             raise ConfigError(f'SimArm needs an ArmKinematics, got {type(kinematics)!r}')
@@ -121,9 +131,15 @@ class SimArm:
         self.damping = damping
         self.gripper_speed = gripper_speed
         self._vmax = kinematics.velocity_limits * velocity_scale
+        if contact is not None and not isinstance(contact, ContactSolver):
+            raise ConfigError(f'contact must be a ContactSolver or None, got {type(contact)!r}')
+        self.contact = contact
+        self.on_substep: Callable[[], None] | None = None
+        self.contacts: list[Contact] = []
         self.counters = ArmCounters()
         self.time = 0.0
         self._q = kinematics.neutral()
+        self._q_ref = self._q.copy()
         self._qdot = np.zeros(kinematics.n_joints)
         self._gripper = 0.0
         self._gripper_target = 0.0
@@ -141,6 +157,11 @@ class SimArm:
     def q(self) -> np.ndarray:
         """The joint positions (a copy)."""
         return self._q.copy()
+
+    @property
+    def q_ref(self) -> np.ndarray:
+        """The commanded (reference) joint positions (a copy); ``q`` except in contact."""
+        return self._q_ref.copy()
 
     @property
     def qdot(self) -> np.ndarray:
@@ -176,6 +197,8 @@ class SimArm:
         if not (math.isfinite(gripper) and 0.0 <= gripper <= 1.0):
             raise ConfigError(f'gripper must be in [0, 1], got {gripper!r}')
         self._q = q
+        self._q_ref = q.copy()
+        self.contacts = []
         self._qdot = np.zeros(kin.n_joints)
         self._gripper = self._gripper_target = float(gripper)
         self._gripper_stop = None
@@ -186,6 +209,17 @@ class SimArm:
     def joint_state(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Return ``(names, positions, velocities)`` as a JointState would carry them."""
         return self.joint_names, self.q, self.qdot
+
+    def external_torque(self) -> np.ndarray:
+        """Return the joint torques the contacts exert now, ``sum J_i^T f_i`` [N m]."""
+        return external_torque(self.contacts, self.kinematics.n_joints)
+
+    def tool_wrench(self) -> np.ndarray:
+        """Return the contact wrench on the tool now: force [N], torque about the TCP [N m].
+
+        Both in base-frame axes; only the hand, the fingers and a held block count.
+        """
+        return tool_wrench(self.contacts, self.kinematics.fk(self._q)[0])
 
     def ee_pose(self) -> tuple[np.ndarray, np.ndarray]:
         """Return the end-effector position [m] and orientation quaternion (x, y, z, w)."""
@@ -232,26 +266,38 @@ class SimArm:
         self._gripper += float(np.clip(target - self._gripper, -step, step))
 
     # ------------------------------------------------------------------ motion
-    def _substep(self, twist: np.ndarray, h: float) -> None:
-        """Integrate one sub-step of ``h`` seconds of a finite base-frame ``twist``."""
+    def _substep(self, twist: np.ndarray | None, h: float) -> None:
+        """Integrate one sub-step of ``h`` seconds of a finite base-frame ``twist`` (None: hold).
+
+        The reference follows the twist within the limits, the gripper moves, then the actual
+        configuration settles against the obstacles (or is the reference, without contact).
+        """
         kin = self.kinematics
-        if not np.any(twist):
-            self._qdot = np.zeros(kin.n_joints)
-            return
-        jac = kin.jacobian(self._q)
-        qdot = solve_twist(jac, twist, self.damping)
-        ratio = float(np.max(np.abs(qdot) / self._vmax))
-        if ratio > 1.0:
-            qdot /= ratio
-            self.counters.velocity_clamps += 1
-            self.last_clamped = True
-        q_new = self._q + qdot * h
-        clamped = np.clip(q_new, kin.lower, kin.upper)
-        if np.any(clamped != q_new):
-            self.counters.position_clamps += 1
-            self.last_clamped = True
-        self._qdot = (clamped - self._q) / h
-        self._q = clamped
+        q_ref_prev = self._q_ref
+        if twist is not None and np.any(twist):
+            qdot = solve_twist(kin.jacobian(self._q_ref), twist, self.damping)
+            ratio = float(np.max(np.abs(qdot) / self._vmax))
+            if ratio > 1.0:
+                qdot /= ratio
+                self.counters.velocity_clamps += 1
+                self.last_clamped = True
+            q_new = self._q_ref + qdot * h
+            clamped = np.clip(q_new, kin.lower, kin.upper)
+            if np.any(clamped != q_new):
+                self.counters.position_clamps += 1
+                self.last_clamped = True
+            self._q_ref = clamped
+        self._advance_gripper(h)
+        q_prev = self._q
+        if self.contact is None:
+            self._q = self._q_ref.copy()
+        else:
+            self._q, self._q_ref, self.contacts = self.contact.settle(
+                self._q_ref, q_ref_prev, q_prev, kin.lower, kin.upper, self._vmax * h)
+        self._qdot = (self._q - q_prev) / h
+        self.time += h
+        if self.on_substep is not None:
+            self.on_substep()
 
     def _substeps(self, dt: float) -> tuple[int, float]:
         """Return how many sub-steps of what length integrate ``dt`` seconds."""
@@ -279,12 +325,7 @@ class SimArm:
             self.counters.nonfinite_ignored += 1
             logger.warning('ignoring non-finite twist %s', tw.tolist())
         for _ in range(count):
-            if finite:
-                self._substep(tw, h)
-            else:
-                self._qdot = np.zeros(self.kinematics.n_joints)
-            self._advance_gripper(h)
-        self.time += dt
+            self._substep(tw if finite else None, h)
         return finite
 
     def hold(self, dt: float) -> None:
@@ -313,9 +354,7 @@ class SimArm:
             self.last_clamped = False
             count, h = self._substeps(period)
             for _ in range(count):
-                self._advance_gripper(h)
-            self._qdot = np.zeros(self.kinematics.n_joints)
-            self.time += period
+                self._substep(None, h)
             return False
         self.set_gripper(1.0 - min(max(delta[6], 0.0), 1.0))
         position, rotation = self.kinematics.fk(self._q)
@@ -325,12 +364,10 @@ class SimArm:
         count, h = self._substeps(period)
         for k in range(count):
             remaining = period - k * h
-            position, rotation = self.kinematics.fk(self._q)
+            position, rotation = self.kinematics.fk(self._q_ref)
             twist = np.concatenate([target_p - position,
                                     pin.log3(target_r @ rotation.T)]) / remaining
             self._substep(twist, h)
-            self._advance_gripper(h)
-        self.time += period
         return True
 
     def move_to_pose(self, position: Sequence[float], rotation: np.ndarray,
@@ -360,5 +397,7 @@ class SimArm:
                 err *= 0.05 / norm  # small steps: full Gauss-Newton steps can diverge
             q = np.clip(q + solve_twist(jac, err, 0.01), kin.lower, kin.upper)
         self._q = q
+        self._q_ref = q.copy()
+        self.contacts = []
         self._qdot = np.zeros(kin.n_joints)
         return error < tolerance

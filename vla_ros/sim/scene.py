@@ -312,6 +312,7 @@ class _Box:
     rotation: np.ndarray
     half: np.ndarray
     colour: tuple[int, int, int]
+    name: str = ''
 
     def corners(self) -> np.ndarray:
         """Return the eight corners (8, 3) in the base frame, in ``_CORNER_SIGNS`` order."""
@@ -322,21 +323,22 @@ def gripper_boxes(position: np.ndarray, rotation: np.ndarray, width: float) -> l
     """Return the boxes of a Panda-like hand whose tool centre point is at ``position``.
 
     The fingers (dark, 5.5 cm long) end just past the tool centre point and sit ``width``
-    apart along the tool y axis; the white hand and a flange stack up behind them along -z.
+    apart along the tool y axis (the left finger on +y); the white hand and a flange stack up
+    behind them along -z. The simulator's collision model uses the same boxes, by name.
     """
-    def box(local_centre: tuple[float, float, float], half: tuple[float, float, float],
-            colour: tuple[int, int, int]) -> _Box:
+    def box(name: str, local_centre: tuple[float, float, float],
+            half: tuple[float, float, float], colour: tuple[int, int, int]) -> _Box:
         """Return a box given in the tool frame, placed in the base frame."""
         return _Box(position + rotation @ np.array(local_centre), rotation, np.array(half),
-                    colour)
+                    colour, name)
 
     finger_half = (0.011, 0.007, 0.0275)
     offset = width / 2.0 + finger_half[1]
     return [
-        box((0.0, offset, -0.0225), finger_half, _FINGER_COLOUR),
-        box((0.0, -offset, -0.0225), finger_half, _FINGER_COLOUR),
-        box((0.0, 0.0, -0.075), (0.026, 0.068, 0.025), _HAND_COLOUR),
-        box((0.0, 0.0, -0.130), (0.032, 0.032, 0.030), _FINGER_COLOUR),
+        box('panda_leftfinger', (0.0, offset, -0.0225), finger_half, _FINGER_COLOUR),
+        box('panda_rightfinger', (0.0, -offset, -0.0225), finger_half, _FINGER_COLOUR),
+        box('panda_hand', (0.0, 0.0, -0.075), (0.026, 0.068, 0.025), _HAND_COLOUR),
+        box('panda_flange', (0.0, 0.0, -0.130), (0.032, 0.032, 0.030), _FINGER_COLOUR),
     ]
 
 

@@ -7,19 +7,21 @@ Four tasks share one scene of three coloured blocks: "move to the red / green / 
 start pose from the seed, ``step_delta`` applies one 7D end-effector delta at the policy rate
 (dx dy dz [m], droll dpitch dyaw [rad], gripper raw in [0, 1] with 1 = open, the Bridge
 convention) either as the constant twist the safety node would send for one action period or
-as a pose target, and ``observe`` renders the camera frame. Grasping is kinematic: a block
-whose centre is within a small tolerance of the tool centre point when the closing fingers
-reach its width attaches to the hand until the gripper opens, then drops to the table. The
-scripted expert is a pure function of the world state, bounded to 2 cm and 0.1 rad per step
-(0.1 m/s at 5 Hz, gentle enough for a safety limiter); it makes the demonstrations and the
-baseline, next to a random policy.
+as a pose target, and ``observe`` renders the camera frame. The arm touches the table and the
+blocks (``vla_ros.sim.contact``): pressing on them it meets a penalty force and yields like a
+joint-impedance controlled arm, and a block pushed from the side slides along the table (without
+friction) instead of resisting. Grasping is kinematic: a block whose centre is within a small
+tolerance of the tool centre point when the closing fingers reach its width attaches to the
+hand until the gripper opens, then drops to the table. The scripted expert is a pure function
+of the world state, bounded to 2 cm and 0.1 rad per step (0.1 m/s at 5 Hz, gentle enough for a
+safety limiter); it makes the demonstrations and the baseline, next to a random policy.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +30,7 @@ import pinocchio as pin
 from vla_ros.core.errors import ConfigError, InstructionError
 from vla_ros.core.kinematics import ArmKinematics, default_urdf_path
 from vla_ros.sim.arm import SimArm
+from vla_ros.sim.contact import ArmGeometry, Contact, ContactSolver, default_joint_stiffness
 from vla_ros.sim.scene import (
     BLOCK_COLOURS,
     BLOCK_SIZE,
@@ -37,7 +40,9 @@ from vla_ros.sim.scene import (
     Camera,
     Renderer,
     Scene,
+    yaw_matrix,
 )
+from vla_ros.sim.state import ContactPair, ContactTruth, WorldState
 
 __all__ = [
     'TASKS',
@@ -76,6 +81,11 @@ START_RANGE = ((0.35, 0.50), (-0.10, 0.10), (0.22, 0.32))
 _PREGRASP_HEIGHT = 0.08  # tool centre point above the block centre before descending [m]
 _ALIGN_TOLERANCE = 0.012  # horizontal alignment before descending [m]
 _AT_GRASP = 0.008  # the expert closes the gripper within this distance of the grasp point [m]
+# A block contact whose normal is at least this horizontal pushes the block instead of the arm,
+# which slides it this much further than the penetration [m].
+_SLIDE_NORMAL = 0.7
+_SLIDE_CLEARANCE = 1e-4
+_ONSET_BISECTIONS = 8  # contact onset located to 1/256 of an integration sub-step
 
 
 @dataclass(frozen=True)
@@ -141,25 +151,6 @@ def _resolve_task(task: Task | str) -> Task:
         return task_for_instruction(task)
     raise ConfigError(f'task must be a Task, a task name {sorted(TASKS)} or an instruction, '
                       f'got {task!r}')
-
-
-@dataclass(frozen=True, eq=False)
-class WorldState:
-    """A snapshot of the world: what the expert and the success test look at.
-
-    ``gripper`` is the closedness (0 = open, 1 = closed), ``gripper_width`` the finger distance
-    [m], ``blocks`` the block centres by name, ``held`` the name of the block in the hand.
-    """
-
-    tcp_position: np.ndarray
-    tcp_rotation: np.ndarray
-    gripper: float
-    gripper_width: float
-    blocks: Mapping[str, np.ndarray]
-    held: str | None
-    table_height: float
-    step: int
-    block_size: float = BLOCK_SIZE
 
 
 def sample_layout(rng: np.random.Generator, table_height: float = 0.0,
@@ -273,33 +264,52 @@ class World:
             pose target (``SimArm.apply_delta``).
         table_height: the height of the table top in the base frame [m].
         dt: the arm's integration sub-step [s].
+        contact: whether the arm touches the table and the blocks; without it the arm is
+            kinematic and passes through everything.
+        urdf_path: the URDF of the collision model; default ``kinematics.source`` (the file the
+            kinematics was loaded from).
 
     """
 
     def __init__(self, kinematics: ArmKinematics | None = None, camera: Camera | None = None,
                  period: float = ACTION_PERIOD, control: str = 'twist',
-                 table_height: float = 0.0, dt: float = 0.01) -> None:
+                 table_height: float = 0.0, dt: float = 0.01, contact: bool = True,
+                 urdf_path: str | None = None) -> None:
         """Build the world; call ``reset`` before stepping."""
         if control not in ('twist', 'pose'):
             raise ConfigError(f"control must be 'twist' or 'pose', got {control!r}")
         if not math.isfinite(table_height):
             raise ConfigError(f'table_height must be finite, got {table_height!r}')
         kin = kinematics or ArmKinematics.from_urdf_file(default_urdf_path())
-        self.arm = SimArm(kin, dt=dt, action_period=period)
+        self.table_height = float(table_height)
+        self.block_size = BLOCK_SIZE
+        self.geometry: ArmGeometry | None = None
+        solver = None
+        if contact:
+            self.geometry = ArmGeometry(urdf_path or kin.source, kin.joint_names,
+                                        list(BLOCK_COLOURS), self.block_size)
+            self.geometry.set_table(self.table_height)
+            solver = ContactSolver(self._contacts_at, default_joint_stiffness(kin.n_joints),
+                                   self.geometry.effort_limits)
+        self.arm = SimArm(kin, dt=dt, action_period=period, contact=solver)
+        self.arm.on_substep = self._on_substep
         self.camera = camera or Camera.default()
         self.renderer = Renderer(self.camera)
         self.period = self.arm.action_period
         self.control = control
-        self.table_height = float(table_height)
-        self.block_size = BLOCK_SIZE
         self.task: Task = TASKS['reach_red']
-        self.blocks: dict[str, np.ndarray] = sample_layout(np.random.default_rng(0),
-                                                           self.table_height)
+        self.seed: int | None = None
+        self.blocks: dict[str, np.ndarray] = {}
         self.held: str | None = None
         self.steps = 0
         self._held_offset = np.zeros(3)
         self._held_yaw = 0.0
-        self._yaws: dict[str, float] = dict.fromkeys(self.blocks, 0.0)
+        self._yaws: dict[str, float] = {}
+        self._place_blocks(sample_layout(np.random.default_rng(0), self.table_height))
+        self._last_width = self.gripper_width()
+        self._last_q = self.arm.q
+        self._last_time = 0.0
+        self._contact = ContactTruth()
 
     # ------------------------------------------------------------------ episode
     def reset(self, seed: int, task: Task | str | None = None) -> WorldState:
@@ -310,26 +320,57 @@ class World:
         if task is not None:
             self.task = _resolve_task(task)
         rng = np.random.default_rng(seed)
-        self.blocks = sample_layout(rng, self.table_height, self.block_size)
-        self._yaws = dict.fromkeys(self.blocks, 0.0)
+        self.seed = int(seed)
+        self.held = None
+        if self.geometry is not None:
+            self.geometry.hold(None)
+        self._place_blocks(sample_layout(rng, self.table_height, self.block_size))
         start = np.array([rng.uniform(*bounds) for bounds in START_RANGE])
         start[2] += self.table_height
         self.arm.reset()
         if not self.arm.move_to_pose(start, GRIPPER_DOWN):
             logger.warning('start pose %s not reached exactly', start.tolist())
-        self.held = None
         self.arm.set_gripper_stop(None)
         self.steps = 0
+        self._last_width = self.gripper_width()
+        self._last_q = self.arm.q
+        self._last_time = self.arm.time
+        self._contact = ContactTruth()
         return self.state()
 
+    def place_tool(self, position: Sequence[float], rotation: np.ndarray = GRIPPER_DOWN) -> bool:
+        """Teleport the tool centre point to a pose (IK, at rest); for tests and benchmarks.
+
+        Contact bookkeeping restarts from there (no contact event spans the jump). Returns
+        whether the pose was reached exactly.
+        """
+        reached = self.arm.move_to_pose(position, rotation)
+        self._last_q = self.arm.q
+        self._last_time = self.arm.time
+        self._contact = ContactTruth()
+        return reached
+
+    def _place_blocks(self, blocks: dict[str, np.ndarray]) -> None:
+        """Put the blocks at the given centres, unturned."""
+        self.blocks = blocks
+        self._yaws = dict.fromkeys(blocks, 0.0)
+        for name in blocks:
+            self._block_moved(name)
+
+    def _block_moved(self, name: str) -> None:
+        """Tell the collision model where block ``name`` is now."""
+        if self.geometry is not None:
+            self.geometry.set_block(name, self.blocks[name], self._yaws[name])
+
     def state(self) -> WorldState:
-        """Return a snapshot of the world now."""
+        """Return a snapshot of the world now (time: the arm's sim time since the reset)."""
         position, rotation = self.arm.ee_transform()
         return WorldState(tcp_position=position, tcp_rotation=rotation,
                           gripper=self.arm.gripper, gripper_width=self.gripper_width(),
                           blocks={k: v.copy() for k, v in self.blocks.items()}, held=self.held,
                           table_height=self.table_height, step=self.steps,
-                          block_size=self.block_size)
+                          block_size=self.block_size, task=self.task.name, seed=self.seed,
+                          time=self.arm.time, contact=self._contact)
 
     def success(self) -> bool:
         """Return whether the current state completes the current task."""
@@ -349,27 +390,96 @@ class World:
         delta = np.asarray(delta7, dtype=float).reshape(-1)
         if delta.shape != (7,):
             raise ConfigError(f'delta7 must be 7 numbers, got shape {delta.shape}')
-        width_before = self.gripper_width()
         if self.control == 'pose':
             self.arm.apply_delta(delta, self.period)
         else:
             if np.all(np.isfinite(delta)):
                 self.arm.set_gripper(1.0 - min(max(float(delta[6]), 0.0), 1.0))
             self.arm.apply_twist(delta[:6] / self.period, self.period)
-        self._update_grasp(width_before)
         self.steps += 1
         return self.state()
 
     def apply_twist(self, twist: Sequence[float], dt: float) -> bool:
         """Integrate a base-frame end-effector twist for ``dt`` seconds (the Servo path)."""
-        width_before = self.gripper_width()
-        applied = self.arm.apply_twist(twist, dt)
-        self._update_grasp(width_before)
-        return applied
+        return self.arm.apply_twist(twist, dt)
 
     def set_gripper(self, closedness: float) -> bool:
         """Command the gripper: 0 = open, 1 = closed (the ``/vla/gripper_command`` value)."""
         return self.arm.set_gripper(closedness)
+
+    # ------------------------------------------------------------------ contact
+    def _contacts_at(self, q: np.ndarray) -> list[Contact]:
+        """Return the contacts that press on the arm at ``q``; blocks pushed sideways slide.
+
+        A block touched with a mostly horizontal normal moves along the table out of the way
+        (by the horizontal distance that ends the penetration); what presses from above or
+        below stays a contact.
+        """
+        geometry = self.geometry
+        if geometry is None:
+            return []
+        geometry.set_gripper_width(self.gripper_width())
+        contacts = geometry.contacts(q)
+        for _ in range(4):
+            pushed = False
+            for c in contacts:
+                block = self.blocks.get(c.obstacle)
+                horizontal = float(np.hypot(c.normal[0], c.normal[1]))
+                if block is None or c.obstacle == self.held or horizontal < _SLIDE_NORMAL:
+                    continue
+                block[:2] -= (c.depth + _SLIDE_CLEARANCE) * c.normal[:2] / horizontal ** 2
+                self._block_moved(c.obstacle)
+                pushed = True
+            if not pushed:
+                break
+            contacts = geometry.contacts(q)
+        return contacts
+
+    def _onset(self, q_prev: np.ndarray, q_now: np.ndarray) -> float:
+        """Return when, inside the last sub-step, the arm first touched (bisection on the path)."""
+        geometry = self.geometry
+        lo, hi = 0.0, 1.0
+        if geometry is None:
+            return self.arm.time
+        if geometry.contacts(q_prev):
+            hi = 0.0
+        for _ in range(_ONSET_BISECTIONS if hi > 0.0 else 0):
+            mid = 0.5 * (lo + hi)
+            if geometry.contacts(q_prev + mid * (q_now - q_prev)):
+                hi = mid
+            else:
+                lo = mid
+        return self._last_time + hi * (self.arm.time - self._last_time)
+
+    def _record_contact(self) -> None:
+        """Update the contact ground truth after a sub-step."""
+        contacts = sorted(self.arm.contacts, key=lambda c: -c.depth)
+        truth = self._contact
+        pairs = tuple(ContactPair(c.body, c.obstacle, c.depth, c.force) for c in contacts)
+        wrench = self.arm.tool_wrench() if contacts else np.zeros(6)
+        if contacts and not truth.active:
+            # The reference path of this sub-step, from where the arm was to where it was sent.
+            onset = self._onset(self._last_q, self.arm.q_ref)
+            truth = ContactTruth(pairs, wrench, onset, None,
+                                 (contacts[0].body, contacts[0].obstacle), contacts[0].depth)
+        elif contacts:
+            truth = ContactTruth(pairs, wrench, truth.onset, None, truth.pair,
+                                 max(truth.peak_depth, contacts[0].depth))
+        elif truth.active:
+            truth = ContactTruth((), wrench, truth.onset, self.arm.time, truth.pair,
+                                 truth.peak_depth)
+        else:
+            return
+        self._contact = truth
+
+    def _on_substep(self) -> None:
+        """After every integration sub-step: grasp or release, contact ground truth."""
+        self._update_grasp(self._last_width)
+        if self.geometry is not None:
+            self._record_contact()
+        self._last_width = self.gripper_width()
+        self._last_q = self.arm.q
+        self._last_time = self.arm.time
 
     def _update_grasp(self, width_before: float) -> None:
         """Attach a block the fingers closed on, move the held one, drop it when released."""
@@ -387,15 +497,21 @@ class World:
             self._held_offset = rotation.T @ (self.blocks[self.held] - position)
             self._held_yaw = self._yaws[self.held] - _yaw_of(rotation)
             self.arm.set_gripper_stop(1.0 - size / GRIPPER_MAX_WIDTH)
+            if self.geometry is not None:
+                self.geometry.hold(self.held, rotation.T @ yaw_matrix(self._yaws[self.held]),
+                                   self._held_offset)
             logger.debug('grasped the %s block', self.held)
             return
         if self.arm.gripper_target < 1.0 - size / GRIPPER_MAX_WIDTH - 1e-6 \
                 and self.gripper_width() > size + 2e-3:
-            block = self.blocks[self.held]
-            block[2] = self.table_height + size / 2.0
-            logger.debug('released the %s block', self.held)
+            name = self.held
+            self.blocks[name][2] = self.table_height + size / 2.0
+            logger.debug('released the %s block', name)
             self.held = None
             self.arm.set_gripper_stop(None)
+            if self.geometry is not None:
+                self.geometry.hold(None)
+            self._block_moved(name)
             return
         self.blocks[self.held] = position + rotation @ self._held_offset
         self._yaws[self.held] = self._held_yaw + _yaw_of(rotation)
