@@ -50,7 +50,12 @@ LAUNCH_ARGUMENTS: tuple[LaunchArgument, ...] = (
                    ('none', 'int8', 'nf4', 'fp4', 'int4_fast')),
     LaunchArgument('device', 'auto', 'Torch device for inference (auto = cuda if available).'),
     LaunchArgument('camera_topic', '/camera/image_raw',
-                   'sensor_msgs/Image from the camera driver.'),
+                   'sensor_msgs/Image from the camera driver (the base topic with '
+                   'camera_transport:=compressed).'),
+    LaunchArgument('camera_transport', 'raw',
+                   'raw = sensor_msgs/Image on camera_topic; compressed = image_transport\'s '
+                   'compressed transport, sensor_msgs/CompressedImage (JPEG/PNG) on '
+                   '<camera_topic>/compressed.', ('raw', 'compressed')),
     LaunchArgument('use_sim', 'false', 'Start the simulated arm and camera instead of hardware.',
                    ('true', 'false')),
     LaunchArgument('rviz', 'false', 'Start rviz2 with config/vla.rviz (ROS install only).',
@@ -135,6 +140,7 @@ def node_specs(values: Mapping[str, str] | None = None) -> list[NodeSpec]:
     camera_topic = args['camera_topic']
     specs = [
         NodeSpec('camera_node', 'vla_ros.nodes.camera_node', str(cfg / 'camera_node.yaml'),
+                 parameters={'image_transport': args['camera_transport']},
                  remappings=(('image', camera_topic),)),
         NodeSpec('vla_node', 'vla_ros.nodes.vla_node', str(cfg / 'vla_node.yaml'),
                  remappings=(('diagnostics', '/diagnostics'),),
@@ -156,7 +162,9 @@ def node_specs(values: Mapping[str, str] | None = None) -> list[NodeSpec]:
                         ('joint_states', args['joint_states_topic']),
                         ('twist', args['servo_topic']),
                         ('gripper_command', ns_topic(ns, 'gripper_command')),
+                        ('episode', ns_topic(ns, 'episode')),
                         ('instruction', ns_topic(ns, 'instruction')),
+                        ('episode', ns_topic(ns, 'episode')),
                         ('ee_pose', '/sim/ee_pose'),
                         ('task_success', '/sim/task_success'),
                         ('world_state', '/sim/world_state')),
