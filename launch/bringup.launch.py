@@ -5,11 +5,13 @@ list, parameter files and remappings come from ``vla_ros.bringup.node_specs`` --
 the pip-path runner (``vla-ros bringup``) starts, so the two cannot drift; as with the runner,
 one node exiting ends the whole bringup. Only the viewers are launch-only: rviz2 with
 ``config/vla.rviz`` (rviz:=true) and, for the simulated arm, a robot_state_publisher so that
-rviz2 has the robot model and TF.
+rviz2 has the robot model and TF. Both are exec_depends of the package; when one is missing
+anyway, the launch refuses before it starts any node (no half-started graph).
 
     ros2 launch vla_ros bringup.launch.py model_path:=/models/openvla-7b unnorm_key:=bridge_orig
 """
 
+from ament_index_python.packages import PackageNotFoundError, get_package_prefix
 from launch.actions import (
     DeclareLaunchArgument,
     OpaqueFunction,
@@ -23,10 +25,29 @@ from launch import LaunchDescription
 from vla_ros.bringup import LAUNCH_ARGUMENTS, PACKAGE, config_dir, node_specs, resolve_arguments
 
 
+def _check_viewers(values: dict[str, str]) -> None:
+    """Refuse (before anything starts) when a viewer the arguments ask for is not installed."""
+    wanted = []
+    if values['rviz'] == 'true':
+        wanted = ['rviz2'] + (['robot_state_publisher'] if values['use_sim'] == 'true' else [])
+    missing = []
+    for package in wanted:
+        try:
+            get_package_prefix(package)
+        except PackageNotFoundError:
+            missing.append(package)
+    if missing:
+        raise RuntimeError(
+            f'rviz:=true needs {" and ".join(missing)}, which is not installed (apt install '
+            f'{" ".join("ros-$ROS_DISTRO-" + m.replace("_", "-") for m in missing)}); '
+            'no node was started')
+
+
 def _nodes(context, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - launch's hook
     """Create the nodes once the argument values are known (launch calls this)."""
     values = resolve_arguments(
         {a.name: LaunchConfiguration(a.name).perform(context) for a in LAUNCH_ARGUMENTS})
+    _check_viewers(values)
     namespace = values['namespace']
     actions = []
     for spec in node_specs(values):

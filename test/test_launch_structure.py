@@ -112,7 +112,24 @@ def stub_launch(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     for name in ('launch', 'launch.actions', 'launch.conditions', 'launch.substitutions',
                  'launch_ros', 'launch_ros.actions'):
         monkeypatch.setitem(sys.modules, name, _stub_module(name, known))
-    return _load_launch_file()
+    module = _load_launch_file()
+    module.get_package_prefix = _fake_index(INSTALLED_VIEWERS)
+    return module
+
+
+#: What the stand-in ament index has installed besides vla_ros (a ROS desktop install).
+INSTALLED_VIEWERS = {'rviz2', 'robot_state_publisher'}
+
+
+def _fake_index(installed: set[str]):  # noqa: ANN202
+    """``get_package_prefix`` of an ament index that holds only ``installed``."""
+    from ament_index_python.packages import PackageNotFoundError
+
+    def get_package_prefix(package: str) -> str:
+        if package not in installed:
+            raise PackageNotFoundError(f"package '{package}' not found")
+        return f'/opt/ros/kilted/{package}'
+    return get_package_prefix
 
 
 class Launched:
@@ -235,6 +252,10 @@ def test_argument_values_reach_the_nodes(stub_launch: types.ModuleType) -> None:
     assert ('twist', '/arm/servo_node/delta_twist_cmds') in safety['remappings']
     assert ('joint_states', '/arm/joint_states') in safety['remappings']
     assert nodes['camera_node']['remappings'] == [('image', '/camera/image_raw')]
+    assert nodes['camera_node']['parameters'][1] == {'image_transport': 'raw'}
+    compressed = {n.kwargs['name']: n.kwargs for n in Launched(
+        stub_launch, {'camera_transport': 'compressed'}).nodes()}
+    assert compressed['camera_node']['parameters'][1] == {'image_transport': 'compressed'}
 
 
 def test_sim_arm_closes_the_loop_on_the_same_topics(stub_launch: types.ModuleType) -> None:
@@ -245,12 +266,12 @@ def test_sim_arm_closes_the_loop_on_the_same_topics(stub_launch: types.ModuleTyp
     assert sim['image_raw'] == dict(nodes['camera_node']['remappings'])['image'] \
         == '/left/camera/image_raw'
     assert sim['twist'] == safety['twist'] and sim['joint_states'] == safety['joint_states']
-    assert sim['instruction'] == '/left_arm/instruction'
+    assert sim['episode'] == '/left_arm/episode'
     assert sim['gripper_command'] == '/left_arm/gripper_command'
     # No namespace: the sim's absolute topics must still be valid names.
     empty = Launched(stub_launch, ARGUMENT_SETS['empty-namespace-sim']).nodes()
     sim = dict(empty[-1].kwargs['remappings'])
-    assert sim['instruction'] == '/instruction' and sim['gripper_command'] == '/gripper_command'
+    assert sim['episode'] == '/episode' and sim['gripper_command'] == '/gripper_command'
 
 
 def test_shared_memory_profile_on_both_paths(stub_launch: types.ModuleType,
@@ -295,6 +316,30 @@ def test_rviz_only_when_requested(stub_launch: types.ModuleType, use_sim: str) -
             assert rsp['remappings'] == [('joint_states', '/joint_states')]
 
 
+@pytest.mark.parametrize('installed', [set(), {'rviz2'}, {'robot_state_publisher'}])
+def test_missing_viewer_refuses_before_any_node_starts(stub_launch: types.ModuleType,
+                                                       installed: set[str]) -> None:
+    stub_launch.get_package_prefix = _fake_index(installed)
+    # rviz2 alone is enough without the simulator (a real arm publishes its own model and TF).
+    if 'rviz2' in installed:
+        assert Launched(stub_launch, {'rviz': 'true'}).nodes()
+    with pytest.raises(RuntimeError, match='no node was started') as refused:
+        # The node actions are created only after the check: an exception here means launch
+        # receives no action at all, so nothing is left running.
+        Launched(stub_launch, {'rviz': 'true', 'use_sim': 'true'})
+    for package in INSTALLED_VIEWERS - installed:
+        assert package in str(refused.value)
+    # Without rviz:=true nothing is required.
+    assert len(Launched(stub_launch, {'use_sim': 'true'}).nodes()) == 4
+
+
+def test_package_xml_declares_what_the_launch_file_starts() -> None:
+    import xml.etree.ElementTree as ET
+    root = ET.parse(ROOT / 'package.xml').getroot()
+    run_deps = {e.text for e in root if e.tag in ('exec_depend', 'depend')}
+    assert INSTALLED_VIEWERS | {'launch', 'launch_ros', 'ros2launch'} <= run_deps
+
+
 def test_bad_choice_is_refused(stub_launch: types.ModuleType) -> None:
     with pytest.raises(ConfigError, match='quantization'):
         Launched(stub_launch, {'quantization': 'fp8'})
@@ -320,7 +365,11 @@ def test_real_launch_description() -> None:  # pragma: no cover - needs a ROS in
         decl = declared[arg.name]
         assert isinstance(decl, DeclareLaunchArgument)
         assert perform_substitutions(context, decl.default_value) == arg.default
-        assert decl.description == arg.description
+        # launch appends the choices to the description: "<description>. Valid choices are: [...]"
+        expected = arg.description
+        if arg.choices:
+            expected = expected.rstrip('.') + '. Valid choices are: ' + str(list(arg.choices))
+        assert decl.description == expected
         assert list(decl.choices or []) == list(arg.choices)
     values = {**{a.name: a.default for a in LAUNCH_ARGUMENTS}, **ARGUMENT_SETS['sim'],
               'rviz': 'true'}
@@ -433,4 +482,9 @@ def test_servo_config_matches_the_safety_node() -> None:
     assert timeout > _safety_default('action_period')  # above the policy period
     assert timeout > 5.0 / _safety_default('output_rate_hz')  # tolerates missed re-publications
     assert 0.0 < servo['publish_period'] < 1.0 / _safety_default('output_rate_hz')
-    assert 'pose_command_in_topic' not in servo  # pose mode: see docs/servo_and_gripper.md
+    # output_mode:=pose: the safety node's pose target goes where Servo reads pose commands.
+    assert servo['pose_command_in_topic'] == dict(safety.remappings)['pose_target'] \
+        == '/servo_node/pose_target_cmds'
+    doc = (ROOT / 'docs' / 'servo_and_gripper.md').read_text(encoding='utf-8')
+    pose_part = doc[doc.index('**Pose targets instead of twists.**'):]
+    assert servo['pose_command_in_topic'] in pose_part.split('\n\n')[0]

@@ -61,7 +61,8 @@ LAUNCH_ARGUMENTS: tuple[LaunchArgument, ...] = (
     LaunchArgument('rviz', 'false', 'Start rviz2 with config/vla.rviz (ROS install only).',
                    ('true', 'false')),
     LaunchArgument('output_mode', 'twist',
-                   'twist = TwistStamped for MoveIt Servo; pose = PoseStamped target.',
+                   'twist = TwistStamped for MoveIt Servo; pose = PoseStamped target on '
+                   '/servo_node/pose_target_cmds (MoveIt Servo pose input).',
                    ('twist', 'pose')),
     LaunchArgument('safety_config', '',
                    'YAML file with safety_node parameters; empty = config/safety_node.yaml.'),
