@@ -1,7 +1,7 @@
-# Only for the pip-path build against the ROS 2 wheels from PyPI (scripts/setup.sh sets
-# VLA_ROS_WHEELS_PREFIX). The wheels' exported CMake targets name the include folders of the
-# machine they were built on (/opt/python/cp311-cp311/...); point them at this interpreter's
-# headers and this numpy's headers instead. A colcon build on a ROS install never includes this.
+# For builds against the ROS 2 wheels from PyPI (the pip path and colcon alike): the wheels'
+# exported CMake targets name the include folders of the machine they were built on
+# (/opt/python/cp311-cp311/...); point them at this interpreter's headers and this numpy's
+# headers instead. On a ROS install no target names such a folder and nothing changes.
 execute_process(
   COMMAND "${Python3_EXECUTABLE}" -c "import sysconfig; print(sysconfig.get_paths()['include'])"
   OUTPUT_VARIABLE _vla_py_include OUTPUT_STRIP_TRAILING_WHITESPACE COMMAND_ERROR_IS_FATAL ANY)

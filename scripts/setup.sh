@@ -58,7 +58,7 @@ if ! fresh msgs "$s"; then
     export AMENT_PREFIX_PATH="$venv" PATH="$venv/bin:$PATH"
     "$cmake_bin" "$root" -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF \
       -DCMAKE_PREFIX_PATH="$venv" -DCMAKE_INSTALL_PREFIX="$venv" \
-      -DPython3_EXECUTABLE="$venv/bin/python" -DVLA_ROS_MSGS_ONLY=ON -DVLA_ROS_WHEELS_PREFIX=ON \
+      -DPython3_EXECUTABLE="$venv/bin/python" -DVLA_ROS_MSGS_ONLY=ON \
       >cmake.log 2>&1 || { tail -30 cmake.log >&2; exit 1; }
     "$cmake_bin" --build . -j"$(nproc)" >build.log 2>&1 || { tail -30 build.log >&2; exit 1; }
     "$cmake_bin" --install . >install.log 2>&1 || { tail -30 install.log >&2; exit 1; }

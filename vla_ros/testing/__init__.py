@@ -99,15 +99,21 @@ def wait_for(predicate: Callable[[], bool], timeout: float, period: float = 0.01
 
 
 class NodeProcess:
-    """A node started as its own process (``python -m module args``), output kept for asserts."""
+    """A node started as its own process, output kept for asserts.
+
+    ``python -m module args`` by default; ``executable`` starts that program instead (e.g. an
+    installed ``lib/vla_ros/<node>``), with ``args`` after it.
+    """
 
     def __init__(self, module: str, args: Sequence[str] = (), *, env: dict[str, str],
-                 name: str | None = None, cwd: str | Path | None = None) -> None:
+                 name: str | None = None, cwd: str | Path | None = None,
+                 executable: str | Path | None = None) -> None:
         self.name = name or module.rsplit('.', 1)[-1]
         self._lines: list[str] = []
         self._lock = threading.Lock()
+        command = [str(executable)] if executable else [sys.executable, '-m', module]
         self.proc = subprocess.Popen(
-            [sys.executable, '-m', module, *args], env=env, cwd=cwd,
+            [*command, *args], env=env, cwd=cwd,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
