@@ -31,7 +31,7 @@ from geometry_msgs.msg import TwistStamped
 from sensor_msgs.msg import JointState
 
 from vla_ros.msg import SafetyStatus, VlaAction
-from vla_ros.nodes.camera_node import LATCHED_QOS
+from vla_ros.nodes import qos
 from vla_ros.testing import NodeProcess, node_processes, rclpy_context, ros_env, wait_for
 from vla_ros.testing.graph import Received, twist_vector
 
@@ -93,12 +93,12 @@ class Observer:
         self.statuses: list[Received] = []
         self.actions: list[Received] = []
         self.joints: list[Received] = []
-        for kind, topic, where, qos in (
+        for kind, topic, where, profile in (
                 (TwistStamped, TWIST_TOPIC, self.twists, 50),
-                (SafetyStatus, f'{ns}/safety_status', self.statuses, LATCHED_QOS),
+                (SafetyStatus, f'{ns}/safety_status', self.statuses, qos.LATCHED),
                 (VlaAction, f'{ns}/action', self.actions, 10),
                 (JointState, '/joint_states', self.joints, 10)):
-            self.node.create_subscription(kind, topic, self._keeper(where), qos)
+            self.node.create_subscription(kind, topic, self._keeper(where), profile)
         self.executor = rclpy.executors.SingleThreadedExecutor(context=ctx)
         self.executor.add_node(self.node)
         self._thread = threading.Thread(target=self.executor.spin, daemon=True)
@@ -141,9 +141,12 @@ def test_bringup_instruct_estop_reset_and_clean_shutdown(domain_id: int, tmp_pat
         obs = Observer(ctx)
         try:
             pids = _child_pids(runner)
-            # Up: camera, safety and sim subscribe to the instruction; the limiter idles at zero.
-            assert wait_for(lambda: obs.node.count_subscribers('/vla/instruction') >= 3,
-                            START_TIMEOUT), runner.output
+            # Up: every node is discovered, the camera node (the instruction's one reader) has
+            # both its subscriptions; the limiter idles at zero.
+            assert wait_for(lambda: set(NODES) <= {
+                n for n, _ in obs.node.get_node_names_and_namespaces()}
+                and obs.node.count_subscribers('/vla/instruction') >= 2,
+                START_TIMEOUT), runner.output
             assert wait_for(lambda: obs.joints and len(obs.twists) > 10, 20), runner.output
             assert all(_zero(r) for r in obs.twists), 'moving before any instruction'
 

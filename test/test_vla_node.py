@@ -12,7 +12,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 
 from vla_ros.core.image import encode_image
 from vla_ros.msg import Observation, VlaAction
-from vla_ros.nodes.vla_node import ACTION_QOS, OBSERVATION_QOS
+from vla_ros.nodes import qos
 from vla_ros.testing import NodeProcess, node_processes, rclpy_context, ros_env
 
 pytestmark = pytest.mark.graph
@@ -38,10 +38,10 @@ def _observation(node, rgb: np.ndarray, episode: int, text: str) -> Observation:
 class Harness:
     def __init__(self, ctx) -> None:  # noqa: ANN001
         self.node = rclpy.create_node('vla_test', namespace='vla', context=ctx)
-        self.obs_pub = self.node.create_publisher(Observation, 'observation', OBSERVATION_QOS)
+        self.obs_pub = self.node.create_publisher(Observation, 'observation', qos.LATEST)
         self.actions: list[VlaAction] = []
         self.diags: list[DiagnosticArray] = []
-        self.node.create_subscription(VlaAction, 'action', self.actions.append, ACTION_QOS)
+        self.node.create_subscription(VlaAction, 'action', self.actions.append, qos.ACTION)
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self.diags.append, 10)
         self.ex = rclpy.executors.SingleThreadedExecutor(context=ctx)
         self.ex.add_node(self.node)

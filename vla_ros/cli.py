@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vla_ros.bringup import (
     LAUNCH_ARGUMENTS,
@@ -72,11 +72,16 @@ def describe_exit(code: int) -> str:
 
 
 class Bringup:
-    """The node processes of one bringup, their prefixed logs and their shutdown."""
+    """The node processes of one bringup, their prefixed logs and their shutdown.
+
+    Output lines go to stdout prefixed with the node name, or to ``sink(name, line)``.
+    ``pump`` must be called regularly (from one thread) so that no node blocks on a full pipe.
+    """
 
     def __init__(self, specs: Sequence[NodeSpec], namespace: str, log_level: str,
-                 env: dict[str, str]) -> None:
+                 env: dict[str, str], sink: Callable[[str, str], None] | None = None) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
+        self._sink = sink
         self._width = max(len(s.name) for s in specs)
         self._sel = selectors.DefaultSelector()
         self._partial: dict[str, bytes] = {}
@@ -100,7 +105,11 @@ class Bringup:
         return ', '.join(f'{name} (pid {proc.pid})' for name, proc in self.procs.items())
 
     def _write(self, name: str, line: bytes) -> None:
-        sys.stdout.write(f'[{name:<{self._width}}] {line.decode(errors="replace")}\n')
+        text = line.decode(errors='replace')
+        if self._sink is not None:
+            self._sink(name, text)
+        else:
+            sys.stdout.write(f'[{name:<{self._width}}] {text}\n')
 
     def pump(self, timeout: float) -> None:
         """Copy available node output to stdout, each line prefixed with its node name."""

@@ -388,8 +388,7 @@ class _GraphEvaluator:
         from std_msgs.msg import Bool, String
 
         from vla_ros.msg import Observation, SafetyStatus, VlaAction
-        from vla_ros.nodes.camera_node import LATCHED_QOS, LATEST_QOS
-        from vla_ros.nodes.vla_node import ACTION_QOS
+        from vla_ros.nodes import qos
 
         # Deep queues on the listening side: every status transition and action counts.
         keep_all = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE,
@@ -403,7 +402,8 @@ class _GraphEvaluator:
         self.actions: list[tuple[float, Any]] = []
         self.statuses: list[tuple[float, Any]] = []
         self.pose: Any = None
-        self.instr_pub = self.node.create_publisher(String, f'{ns}/instruction', LATCHED_QOS)
+        self.instr_pub = self.node.create_publisher(String, f'{ns}/instruction',
+                                                  qos.LATCHED)
         self.node.create_subscription(Bool, '/sim/task_success', self._on_success, keep_all)
         self.node.create_subscription(SafetyStatus, f'{ns}/safety_status',
                                       lambda m: self._keep(self.statuses, m), keep_all)
@@ -419,9 +419,9 @@ class _GraphEvaluator:
             self.node.create_subscription(VlaAction, f'{ns}/action',
                                           lambda m: self._keep(self.actions, m), reliable)
         else:
-            self.action_pub = self.node.create_publisher(VlaAction, f'{ns}/action', ACTION_QOS)
+            self.action_pub = self.node.create_publisher(VlaAction, f'{ns}/action', qos.ACTION)
             self.node.create_subscription(Observation, f'{ns}/observation', self._on_observation,
-                                          LATEST_QOS)
+                                          qos.LATEST)
         self._VlaAction = VlaAction
         self._String = String
         self.executor = rclpy.executors.SingleThreadedExecutor(context=context)
@@ -599,6 +599,43 @@ def _episode_from_graph(ev: _GraphEvaluator, policy: str, task: Task, seed: int,
     return result
 
 
+class _Graph:
+    """The node processes of one run, started as ``vla-ros bringup`` starts them; logs kept.
+
+    A thread pumps their output into memory (not to stdout), so no node blocks on its pipe.
+    """
+
+    def __init__(self, specs: Sequence[Any], namespace: str, env: dict[str, str]) -> None:
+        from vla_ros.cli import Bringup
+
+        self._logs: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
+        self.bringup = Bringup(specs, namespace, 'info', env, sink=self._keep)
+        self._pumping = threading.Event()
+        self._pumping.set()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _keep(self, name: str, line: str) -> None:
+        with self._lock:
+            self._logs.setdefault(name, []).append(line)
+
+    def _pump(self) -> None:
+        while self._pumping.is_set():
+            self.bringup.pump(0.1)
+
+    def output(self, name: str) -> str:
+        """Everything node ``name`` logged so far."""
+        with self._lock:
+            return '\n'.join(self._logs.get(name, []))
+
+    def stop(self) -> None:
+        """Stop pumping, then stop the nodes (their last words are still kept)."""
+        self._pumping.clear()
+        self._thread.join(timeout=5.0)
+        self.bringup.stop()
+
+
 def run_graph(config: EvalConfig, namespace: str = 'vla', domain_id: int | None = None,
               progress: Callable[[EpisodeResult], None] | None = None,
               startup_timeout: float = 90.0, log_dir: str | None = None
@@ -612,64 +649,61 @@ def run_graph(config: EvalConfig, namespace: str = 'vla', domain_id: int | None 
     import rclpy
     from rclpy.context import Context
 
-    from vla_ros.bringup import ros_args
-    from vla_ros.testing import NodeProcess
-
     results: list[EpisodeResult] = []
     env = _node_env(domain_id)
     for policy in config.policies:
         schedule = config.schedule(policy)
         if not schedule:
             continue
-        # The VLA node logs 'vla node active' (info) once warmed up: _wait_ready reads it.
-        procs = [NodeProcess(spec.module, ros_args(spec, namespace,
-                                                   'info' if spec.name == 'vla_node' else 'warn'),
-                             env=env, name=spec.name)
-                 for spec in _graph_specs(config, policy, namespace, config.seed)]
+        graph = _Graph(_graph_specs(config, policy, namespace, config.seed), namespace, env)
         context = Context()
         rclpy.init(context=context, domain_id=domain_id)
         ev = None
         try:
             stand_in = None if policy == 'vla' else policy
             ev = _GraphEvaluator(context, namespace, stand_in, config)
-            _wait_ready(ev, procs, policy, startup_timeout)
+            _wait_ready(ev, graph, policy, startup_timeout)
             for k, task, seed in schedule:
                 timeout = config.steps_for(task) * config.safety.action_period + 3.0
                 result = _episode_from_graph(ev, policy, task, seed, k, timeout)
                 results.append(result)
                 if progress is not None:
                     progress(result)
-                dead = [p.name for p in procs if not p.alive()]
-                if dead:
-                    raise RuntimeError(f'node processes died during the evaluation: {dead}')
+                dead = graph.bringup.dead()
+                if dead is not None:
+                    raise RuntimeError(f'node process {dead[0]} died during the evaluation '
+                                       f'(code {dead[1]})')
         finally:
             if ev is not None:
                 ev.close()
             rclpy.try_shutdown(context=context)
-            for proc in procs:
-                proc.stop()
-                if log_dir:
-                    Path(log_dir).mkdir(parents=True, exist_ok=True)
-                    (Path(log_dir) / f'{policy}_{proc.name}.log').write_text(proc.output)
+            graph.stop()
+            if log_dir:
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
+                for name in graph.bringup.procs:
+                    (Path(log_dir) / f'{policy}_{name}.log').write_text(graph.output(name))
     return results
 
 
-def _wait_ready(ev: _GraphEvaluator, procs: Sequence[Any], policy: str, timeout: float) -> None:
-    """Wait until every node is up: subscribers of the instruction, the action stream, status."""
+def _wait_ready(ev: _GraphEvaluator, graph: _Graph, policy: str, timeout: float) -> None:
+    """Wait until every node is up: the instruction's reader, the action stream, status, sim."""
+    def tail(name: str) -> str:
+        return '\n'.join(graph.output(name).splitlines()[-30:])
+
     end = time.monotonic() + timeout
-    need_subs = 3  # camera, safety, sim arm
     while time.monotonic() < end:
-        dead = [p.name for p in procs if not p.alive()]
-        if dead:
-            raise RuntimeError(f'node processes exited during start-up: {dead}\n'
-                               + '\n'.join(p.output[-2000:] for p in procs if not p.alive()))
-        vla_ready = policy != 'vla' or any('vla node active' in p.output for p in procs)
-        if (ev.instr_pub.get_subscription_count() >= need_subs and vla_ready and ev.statuses
+        dead = graph.bringup.dead()
+        if dead is not None:
+            raise RuntimeError(f'node process {dead[0]} exited during start-up (code {dead[1]}):'
+                               f'\n{tail(dead[0])}')
+        vla_ready = policy != 'vla' or 'vla node active' in graph.output('vla_node')
+        # The camera node reads the instruction on two subscriptions (volatile, latched).
+        if (ev.instr_pub.get_subscription_count() >= 2 and vla_ready and ev.statuses
                 and ev.pose is not None and ev.success_msgs):
             return
         time.sleep(0.1)
     raise RuntimeError(f'the graph did not come up within {timeout:.0f} s:\n'
-                       + '\n'.join(f'--- {p.name}\n{p.output[-1500:]}' for p in procs))
+                       + '\n'.join(f'--- {name}\n{tail(name)}' for name in graph.bringup.procs))
 
 
 # --------------------------------------------------------------------------------------------

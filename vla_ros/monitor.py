@@ -16,14 +16,6 @@ from pathlib import Path
 import numpy as np
 
 STATE_NAMES = {0: 'IDLE', 1: 'ACTIVE', 2: 'STOPPED', 3: 'DONE', 4: 'ESTOP'}
-#: Nodes that must hold the instruction before ``vla-ros instruct`` returns success.
-INSTRUCTION_READERS = ('camera_node', 'safety_node')
-
-
-def _latched_qos():  # noqa: ANN202 - lazy rclpy import
-    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-    return QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
 class _Rate:
@@ -71,7 +63,7 @@ class Monitor:
 
         from vla_ros.bringup import ns_topic
         from vla_ros.msg import Observation, SafetyStatus, VlaAction
-        from vla_ros.nodes.camera_node import SENSOR_QOS  # camera drivers publish best effort
+        from vla_ros.nodes import qos
 
         self._ctx = Context()
         rclpy.init(context=self._ctx)
@@ -91,19 +83,19 @@ class Monitor:
         self._next_save = 0.0
         self._frames_saved = 0
 
-        qos = 10
+        depth = 10
         self.node.create_subscription(SafetyStatus, ns_topic(namespace, 'safety_status'),
-                                      self._on_status, _latched_qos())
+                                      self._on_status, qos.LATCHED)
         self.node.create_subscription(VlaAction, ns_topic(namespace, 'action'), self._on_action,
-                                      qos)
+                                      depth)
         self.node.create_subscription(Observation, ns_topic(namespace, 'observation'),
-                                      lambda _m: self.rates['obs'].tick(), qos)
-        self.node.create_subscription(TwistStamped, twist_topic, self._on_twist, qos)
-        self.node.create_subscription(JointState, joint_states_topic, self._on_joints, qos)
+                                      lambda _m: self.rates['obs'].tick(), depth)
+        self.node.create_subscription(TwistStamped, twist_topic, self._on_twist, depth)
+        self.node.create_subscription(JointState, joint_states_topic, self._on_joints, depth)
         if self._save_dir is not None and camera_topic:
             self._save_dir.mkdir(parents=True, exist_ok=True)
-            self.node.create_subscription(Image, camera_topic, self._on_image, SENSOR_QOS)
-        self.node.create_subscription(Bool, '/sim/task_success', self._on_success, qos)
+            self.node.create_subscription(Image, camera_topic, self._on_image, qos.SENSOR_DATA)
+        self.node.create_subscription(Bool, '/sim/task_success', self._on_success, depth)
         self._task_success = False
         self.successes = 0
         self._instructions = [str(text) for text in instructions if str(text).strip()]
@@ -116,7 +108,7 @@ class Monitor:
         self._String = String
         if self._instructions:
             self._instruction_pub = self.node.create_publisher(
-                String, ns_topic(namespace, 'instruction'), _latched_qos())
+                String, ns_topic(namespace, 'instruction'), qos.LATCHED)
             self._publish_next_instruction()
         self._spinner.start()
 
@@ -212,45 +204,44 @@ class Monitor:
 
 
 def publish_instruction(namespace: str, text: str, timeout: float = 10.0) -> int:
-    """Publish ``text`` latched on <ns>/instruction until the camera and safety nodes have it.
+    """Publish ``text`` latched on <ns>/instruction; succeed once the camera node has taken it.
 
-    The sample is transient-local, but it lives only as long as this short-lived process: so
-    wait until both nodes of the namespace are discovered, every discovered reader of the topic
-    is matched, and the matched readers acknowledged the sample (it is reliable). Returning on
-    the first match would lose the instruction for a reader discovered a moment later (seen on
-    a loaded machine: the camera node had it, the safety node did not).
+    The camera node is the instruction's one reader; it answers every accepted instruction
+    with a latched ``episode``, which every other node follows. So the command waits for that
+    episode (the instruction, stripped, stamped after the publication): then every node can
+    learn it, now or when it starts later. The publisher is transient_local, so a camera node
+    discovered only while this waits still gets the sample.
     """
     import rclpy
-    from rclpy.duration import Duration
     from std_msgs.msg import String
 
     from vla_ros.bringup import ns_topic
-    topic = ns_topic(namespace, 'instruction')
-    node_ns = '/' + namespace.strip('/')
+    from vla_ros.msg import Episode
+    from vla_ros.nodes import qos
     rclpy.init()
     node = rclpy.create_node('vla_ros_instruct')
     try:
-        pub = node.create_publisher(String, topic, _latched_qos())
+        episodes: list[Episode] = []
+        node.create_subscription(Episode, ns_topic(namespace, 'episode'), episodes.append,
+                                 qos.LATCHED)
+        pub = node.create_publisher(String, ns_topic(namespace, 'instruction'), qos.LATCHED)
+        sent = node.get_clock().now().nanoseconds
         pub.publish(String(data=text))
         deadline = time.monotonic() + timeout
-        missing: set[str] = set(INSTRUCTION_READERS)
-        while True:
-            readers = node.get_subscriptions_info_by_topic(topic)
-            missing = set(INSTRUCTION_READERS) - {
-                r.node_name for r in readers if r.node_namespace == node_ns}
-            if not missing and pub.get_subscription_count() >= len(readers):
-                break
-            if time.monotonic() >= deadline:
-                break
+
+        def taken() -> Episode | None:
+            return next((e for e in episodes if e.instruction == text.strip()
+                         and rclpy.time.Time.from_msg(e.header.stamp).nanoseconds >= sent),
+                        None)
+        while taken() is None and time.monotonic() < deadline:
             rclpy.spin_once(node, timeout_sec=0.05)
-        acked = pub.get_subscription_count() > 0 and pub.wait_for_all_acked(
-            Duration(seconds=max(0.5, deadline - time.monotonic())))
-        if missing or not acked:
-            why = f'not seen: {", ".join(sorted(missing))}' if missing else 'not acknowledged'
+        episode = taken()
+        if episode is None:
+            why = 'no camera_node' if not pub.get_subscription_count() else 'no episode'
             print(f'instruction published, but {why} within {timeout} s: {text!r}')
             return 1
-        print(f'instruction delivered to {pub.get_subscription_count()} subscriber(s): '
-              f'{text!r}')
+        what = 'idle' if not episode.instruction else repr(episode.instruction)
+        print(f'instruction delivered: episode {episode.episode_id}, {what}')
         return 0
     finally:
         node.destroy_node()

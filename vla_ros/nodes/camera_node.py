@@ -28,6 +28,7 @@ import collections
 import time
 
 import numpy as np
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
 from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image
@@ -112,8 +113,12 @@ class CameraNode(Node):
         else:
             self.image_topic = self.resolve_topic_name('image')
             self.create_subscription(Image, 'image', self._on_image, qos.SENSOR_DATA)
-        for profile in (qos.OPERATOR_INPUT, qos.LATCHED_INPUT):
-            self.create_subscription(String, 'instruction', self._on_instruction, profile)
+        self.create_subscription(String, 'instruction', self._on_instruction,
+                                 qos.OPERATOR_INPUT)
+        # A volatile publisher (ros2 topic pub) never matches this one, by design: no warning.
+        self.create_subscription(String, 'instruction', self._on_instruction, qos.LATCHED_INPUT,
+                                 event_callbacks=SubscriptionEventCallbacks(
+                                     incompatible_qos=lambda _info: None))
         self.create_timer(1.0 / float(p['policy_rate_hz']), self._on_tick)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.get_logger().info(

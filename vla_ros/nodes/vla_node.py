@@ -23,26 +23,15 @@ import traceback
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.duration import Duration
 from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
-from rclpy.qos import HistoryPolicy, LivelinessPolicy, QoSProfile, ReliabilityPolicy
 
 from vla_ros.core.buffer import LatestBuffer
 from vla_ros.core.errors import VlaRosError
 from vla_ros.core.image import decode_image
 from vla_ros.msg import Observation, VlaAction
+from vla_ros.nodes import qos
 from vla_ros.nodes.params import Param, declare
 from vla_ros.nodes.runtime import run_node
-
-#: Liveliness lease of the action stream [s]: the safety node treats a silent writer as dead.
-LIVELINESS_LEASE = 0.5
-
-ACTION_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
-                        reliability=ReliabilityPolicy.RELIABLE,
-                        liveliness=LivelinessPolicy.AUTOMATIC,
-                        liveliness_lease_duration=Duration(seconds=LIVELINESS_LEASE))
-OBSERVATION_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
-                             reliability=ReliabilityPolicy.RELIABLE)
 
 PARAMS = (
     Param('model_path', '', 'OpenVLA checkpoint directory; empty = the shipped checkpoint '
@@ -85,10 +74,10 @@ class VlaNode(LifecycleNode):
         self._episode_id: int | None = None
         self._latencies: list[float] = []
         self.actions_published = 0
-        self._action_pub = self.create_publisher(VlaAction, 'action', ACTION_QOS)
+        self._action_pub = self.create_publisher(VlaAction, 'action', qos.ACTION)
         self._diag_pub = self.create_publisher(DiagnosticArray, 'diagnostics', 10)
         self.create_subscription(Observation, 'observation', self._observations.put,
-                                 OBSERVATION_QOS)
+                                 qos.LATEST)
         self.create_timer(1.0, self._publish_diagnostics)
 
     # -- lifecycle -------------------------------------------------------------------------
