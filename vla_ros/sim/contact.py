@@ -321,19 +321,25 @@ class ContactSolver:
         self.iterations = int(iterations)
         self.yields = 0  # sub-steps in which the reference stalled at the effort limits
 
-    def _equilibrium(self, q_ref: np.ndarray, lower: np.ndarray, upper: np.ndarray
+    def _equilibrium(self, q_ref: np.ndarray, q_start: np.ndarray, lower: np.ndarray,
+                     upper: np.ndarray, iterations: int | None = None
                      ) -> tuple[np.ndarray, list[Contact]]:
         """Return the configuration where spring and contact torques balance, and its contacts.
 
-        Minimises ``0.5 (q - q_ref)^T K (q - q_ref) + sum 0.5 k d_i(q)^2`` from ``q_ref`` by
-        Gauss-Newton steps on the contacts linearised at each iterate.
+        Minimises ``0.5 (q - q_ref)^T K (q - q_ref) + sum 0.5 k d_i(q)^2`` from ``q_start`` by
+        Gauss-Newton steps on the contacts linearised at each iterate (free of contacts the
+        minimum is ``q_ref`` itself, one step away).
         """
         k_joint = self.joint_stiffness
-        q = q_ref.copy()
+        q = np.clip(q_start, lower, upper)
         contacts = self.query(q)
-        for _ in range(self.iterations):
+        for _ in range(self.iterations if iterations is None else iterations):
             if not contacts:
-                break
+                if np.array_equal(q, q_ref):
+                    break
+                q = q_ref.copy()  # nothing but the springs: their minimum, exactly
+                contacts = self.query(q)
+                continue
             grad = k_joint * (q - q_ref)
             hess = np.diag(k_joint)
             for c in contacts:
@@ -343,7 +349,7 @@ class ContactSolver:
             step = -np.linalg.solve(hess, grad)
             q = np.clip(q + step, lower, upper)
             contacts = self.query(q)
-            if float(np.max(np.abs(step))) < 1e-9:
+            if float(np.max(np.abs(step))) < 1e-6:  # a micrometre at half a metre
                 break
         return q, contacts
 
@@ -362,12 +368,17 @@ class ContactSolver:
         the equilibrium at most ``max_step`` per joint (the velocity limits times the sub-step),
         so springing back after a release stays within the joint velocity limits.
         """
-        q, contacts = self._equilibrium(q_ref, lower, upper)
+        # Warm start: where the arm was, moved by the reference's step (in free motion that is
+        # the reference itself, and one collision query settles it).
+        free = np.array_equal(q_prev, q_ref_prev)
+        start = q_ref if free else q_prev + (q_ref - q_ref_prev)
+        q, contacts = self._equilibrium(q_ref, start, lower, upper)
         if contacts and q_ref is not q_ref_prev and self._load(q_ref, q) > max(
                 1.0, self._load(q_ref_prev, q_prev)):
             self.yields += 1
             q_ref = q_ref_prev
-            q, contacts = self._equilibrium(q_ref, lower, upper)
+            # The previous configuration is this reference's equilibrium already: one step.
+            q, contacts = self._equilibrium(q_ref, q_prev, lower, upper, iterations=1)
         move = q - q_prev
         scale = float(np.max(np.abs(move) / max_step))
         if scale > 1.0:
