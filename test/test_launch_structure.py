@@ -51,7 +51,7 @@ ARGUMENT_SETS = {
     'sim-namespace-camera': {'use_sim': 'true', 'namespace': 'left_arm',
                              'camera_topic': '/left/camera/image_raw'},
     'model-and-topics': {'model_path': '/models/openvla-7b', 'unnorm_key': 'bridge_orig',
-                         'quantization': 'nf4', 'device': 'cuda:1', 'output_mode': 'pose',
+                         'quantization': 'int4', 'device': 'cuda:1', 'output_mode': 'pose',
                          'safety_config': '/etc/robot/safety.yaml',
                          'servo_topic': '/arm/servo_node/delta_twist_cmds',
                          'joint_states_topic': '/arm/joint_states', 'log_level': 'debug'},
@@ -246,7 +246,7 @@ def test_argument_values_reach_the_nodes(stub_launch: types.ModuleType) -> None:
     nodes = {n.kwargs['name']: n.kwargs for n in Launched(stub_launch, values).nodes()}
     vla = nodes['vla_node']['parameters'][1]
     assert vla == {'model_path': '/models/openvla-7b', 'unnorm_key': 'bridge_orig',
-                   'quantization': 'nf4', 'device': 'cuda:1'}
+                   'quantization': 'int4', 'device': 'cuda:1'}
     safety = nodes['safety_node']
     assert safety['parameters'] == ['/etc/robot/safety.yaml', {'output_mode': 'pose'}]
     assert ('twist', '/arm/servo_node/delta_twist_cmds') in safety['remappings']

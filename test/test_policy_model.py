@@ -1,5 +1,7 @@
 """The native OpenVLA model and the policy on tiny checkpoints (CPU): layout, numerics, API."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm  # noqa: F401 - the model code needs it; fail loudly if it is missing
@@ -307,30 +309,24 @@ def _rig_lm_head(model, token_id):
     model.language_model.lm_head = rigged
 
 
-@pytest.mark.parametrize('engine', ['plain', 'fast'])
 @pytest.mark.parametrize('token_id,bin_value', [(512, -1 + 1 / 255), (575, -1 + 1 / 255),
                                                 (5, 1 - 1 / 255)])
-def test_unconstrained_non_action_token(tiny_dir, engine, token_id, bin_value):
+def test_unconstrained_non_action_token(tiny_dir, token_id, bin_value):
     free = OpenVLAPolicy.from_pretrained(tiny_dir, unnorm_key='libero_spatial',
                                          constrain_actions=False)
-    _rig_lm_head(free.model, token_id)
-    if engine == 'fast':  # rebuild the engine over the rigged head
-        free = OpenVLAPolicy(free.checkpoint, unnorm_key='libero_spatial',
-                             constrain_actions=False, engine='fast')
+    _rig_lm_head(free.model, token_id)  # before the first prediction builds the engine
     out = free.predict(random_image(), 'pick up the cup')
     assert out.token_ids == (token_id,) * 7
     np.testing.assert_allclose(out.normalized, bin_value, rtol=0, atol=1e-12)
     np.testing.assert_allclose(out.action, unnormalize(out.normalized, free.norm_stats))
-    strict = OpenVLAPolicy(free.checkpoint, unnorm_key='libero_spatial', constrain_actions=True,
-                           engine=engine)
+    strict = OpenVLAPolicy(free.checkpoint, unnorm_key='libero_spatial', constrain_actions=True)
     constrained = strict.predict(random_image(), 'pick up the cup')
     assert all(256 <= t <= 511 for t in constrained.token_ids)
 
 
-@pytest.mark.parametrize('engine', ['plain', 'fast'])
 @pytest.mark.parametrize('constrain', [True, False])
-def test_token_confidence_is_the_softmax_of_the_reference_logits(tiny_dir, engine, constrain):
-    pol = OpenVLAPolicy.from_pretrained(tiny_dir, unnorm_key='bridge_orig', engine=engine,
+def test_token_confidence_is_the_softmax_of_the_reference_logits(tiny_dir, constrain):
+    pol = OpenVLAPolicy.from_pretrained(tiny_dir, unnorm_key='bridge_orig',
                                         constrain_actions=constrain)
     first, last = pol.action_tokenizer.action_token_range
     for seed, instruction in enumerate(('pick up the black bowl', 'wipe the table')):
@@ -357,18 +353,45 @@ def test_token_confidence_is_the_softmax_of_the_reference_logits(tiny_dir, engin
         assert out.token_probs.min() < 0.9  # not saturated: the comparison says something
 
 
-def test_fast_engine_matches_plain(tiny_dir, policy):
-    fast = OpenVLAPolicy.from_pretrained(tiny_dir, unnorm_key='bridge_orig', engine='fast')
-    for seed in range(3):
-        img = random_image(10 + seed)
-        assert fast.predict(img, 'wipe the table').token_ids == \
-            policy.predict(img, 'wipe the table').token_ids
+SIM_CHECKPOINT = Path(__file__).resolve().parent.parent / 'checkpoints' / 'sim_tabletop'
+
+
+def test_a_batch_equals_each_sample_alone_token_for_token():
+    # the shipped (trained) checkpoint, fp32 on the CPU: its actions depend on the inputs
+    pol = OpenVLAPolicy.from_pretrained(SIM_CHECKPOINT)
+    rng = np.random.RandomState(3)
+    images = [rng.randint(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(3)]
+    images.append(rng.randint(0, 256, (480, 640, 3), dtype=np.uint8))  # resized, like predict
+    instructions = ['pick up the red block', 'put the green block in the bowl',
+                    'push the blue block to the left of the yellow block', 'stack']
+    singles = [pol.predict(i, t) for i, t in zip(images, instructions, strict=True)]
+    batch = pol.predict_batch(images, instructions)
+    assert len({s.token_ids for s in singles}) > 1
+    for single, out in zip(singles, batch, strict=True):
+        assert out.token_ids == single.token_ids
+        np.testing.assert_array_equal(out.action, single.action)
+        np.testing.assert_allclose(out.token_probs, single.token_probs, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(out.token_margins, single.token_margins, atol=2e-5)
+        assert out.timings['batch_size'] == 4
+
+
+def test_a_bad_sample_fails_only_its_own_entry(policy):
+    good = random_image(7)
+    out = policy.predict_batch([good, np.zeros((224, 224), np.uint8), good, good],
+                               ['open the drawer', 'open the drawer', '', 'wipe'])
+    assert isinstance(out[1], ImageError) and isinstance(out[2], InstructionError)
+    assert out[0].token_ids == policy.predict(good, 'open the drawer').token_ids
+    assert out[3].token_ids == policy.predict(good, 'wipe').token_ids
+    assert out[0].timings['batch_size'] == 2
+    assert all(isinstance(o, InstructionError) for o in policy.predict_batch([good], [None]))
+    with pytest.raises(ConfigError, match='2 images but 1 instructions'):
+        policy.predict_batch([good, good], ['wipe'])
 
 
 def test_option_errors(tiny_dir):
-    with pytest.raises(ConfigError, match='engine'):
-        OpenVLAPolicy.from_pretrained(tiny_dir, unnorm_key='bridge_orig', engine='turbo')
-    with pytest.raises(ConfigError, match='CUDA'):
+    with pytest.raises(TypeError, match='engine'):
+        OpenVLAPolicy.from_pretrained(tiny_dir, unnorm_key='bridge_orig', engine='plain')
+    with pytest.raises(ConfigError, match='one of int4'):
         OpenVLAPolicy.from_pretrained(tiny_dir, unnorm_key='bridge_orig', quantization='nf4')
     with pytest.raises(ConfigError, match='quantization'):
         OpenVLAPolicy.from_pretrained(tiny_dir, unnorm_key='bridge_orig', quantization='int3')

@@ -47,7 +47,7 @@ LAUNCH_ARGUMENTS: tuple[LaunchArgument, ...] = (
                    'Dataset whose statistics un-normalize actions (required when the checkpoint '
                    'has several, e.g. bridge_orig).'),
     LaunchArgument('quantization', 'none', 'Weight precision of the language model.',
-                   ('none', 'int8', 'nf4', 'fp4', 'int4_fast')),
+                   ('none', 'int4')),
     LaunchArgument('device', 'auto', 'Torch device for inference (auto = cuda if available).'),
     LaunchArgument('camera_topic', '/camera/image_raw',
                    'sensor_msgs/Image from the camera driver (the base topic with '

@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument('--sim', action='store_true', help='with the simulated arm and camera')
     b.add_argument('--model-path', dest='model_path')
     b.add_argument('--unnorm-key', dest='unnorm_key')
-    b.add_argument('--quantization', choices=('none', 'int8', 'nf4', 'fp4', 'int4_fast'))
+    b.add_argument('--quantization', choices=('none', 'int4'))
     b.add_argument('--namespace')
     b.add_argument('--arg', action='append', default=[], metavar='NAME:=VALUE',
                    help='any launch argument: ' + ', '.join(a.name for a in LAUNCH_ARGUMENTS))

@@ -40,12 +40,10 @@ PARAMS = (
     Param('device', 'auto', 'auto | cpu | cuda | cuda:N.', read_only=True),
     Param('dtype', 'auto', 'auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float16 | float32.',
           read_only=True),
-    Param('quantization', 'none', 'none | int8 | nf4 | fp4 | int4_fast (GPU only).',
-          read_only=True),
-    Param('engine', 'auto', 'auto (fast on GPU, plain on CPU) | fast | plain.', read_only=True),
-    Param('lora_path', '', 'Optional peft LoRA adapter directory.', read_only=True),
-    Param('merge_lora', False, 'Merge the LoRA adapter into the weights after loading.',
-          read_only=True),
+    Param('quantization', 'none', 'none (bf16 on a GPU) | int4 (the Llama in 4 bits: about '
+          '6 GB for openvla-7b, faster on a GPU).', read_only=True),
+    Param('lora_path', '', 'Optional peft LoRA adapter directory (merged into the weights on '
+          'load).', read_only=True),
     Param('constrain_actions', True, 'Restrict decoding to the 256 action tokens.',
           read_only=True),
     Param('max_observation_age', 1.0, 'Observations older than this are skipped [s].', 0.01,
@@ -83,20 +81,25 @@ class VlaNode(LifecycleNode):
     # -- lifecycle -------------------------------------------------------------------------
     def on_configure(self, state: State) -> TransitionCallbackReturn:
         """Load the checkpoint; on failure stay unconfigured and say why in diagnostics."""
+        start = time.perf_counter()
         try:
             self.policy = self._load_policy()
+            loaded = time.perf_counter()
+            # Warm up here, not on the first real frame: compilation (or, on a restart, the
+            # compile cache) and graph capture happen now.
+            self.policy.warmup()
+            self.policy.predict(np.zeros((224, 224, 3), np.uint8), 'warm up')
         except (VlaRosError, OSError, RuntimeError, ImportError, ValueError) as exc:
+            self.policy = None
             self.load_error = f'{type(exc).__name__}: {exc}'
             self.get_logger().error(f'model load failed, publishing nothing: {self.load_error}')
             self._publish_diagnostics()
             return TransitionCallbackReturn.FAILURE
         self.load_error = ''
-        # Warm up here, not on the first real frame: graph capture / compilation happen now.
-        start = time.perf_counter()
-        self.policy.predict(np.zeros((224, 224, 3), np.uint8), 'warm up')
         self.policy.reset()
-        self.get_logger().info(f'policy loaded and warmed up in '
-                               f'{time.perf_counter() - start:.1f} s: {self.policy!r}')
+        now = time.perf_counter()
+        self.get_logger().info(f'policy ready in {now - start:.1f} s (load {loaded - start:.1f} '
+                               f's, warm-up {now - loaded:.1f} s) on {self.policy.device}')
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
@@ -140,16 +143,13 @@ class VlaNode(LifecycleNode):
         device = str(self.p['device'])
         if device == 'auto':
             device = 'cuda' if torch.cuda.is_available() else 'cpu'
-        engine = str(self.p['engine'])
-        if engine == 'auto':
-            engine = 'fast' if device.startswith('cuda') else 'plain'
         dtype = None if self.p['dtype'] == 'auto' else str(self.p['dtype'])
         quant = None if self.p['quantization'] == 'none' else str(self.p['quantization'])
         return OpenVLAPolicy.from_pretrained(
             path, unnorm_key=unnorm_key, device=device, dtype=dtype,
             constrain_actions=bool(self.p['constrain_actions']),
-            lora_path=str(self.p['lora_path']) or None, merge_lora=bool(self.p['merge_lora']),
-            quantization=quant, engine=engine)
+            lora_path=str(self.p['lora_path']) or None, quantization=quant,
+            progress=lambda line: self.get_logger().info(line))
 
     def _release(self) -> None:
         self.policy = None

@@ -15,11 +15,13 @@ offending keys); running out of memory raises ConfigError suggesting a quantized
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,8 @@ REQUIRED_CONFIG_FIELDS = ('timm_model_ids', 'image_sizes', 'use_fused_vision_bac
                           'arch_specifier', 'text_config')
 
 _MAX_KEYS_SHOWN = 10
+_DTYPE_BYTES = {'F64': 8, 'F32': 4, 'F16': 2, 'BF16': 2, 'I64': 8, 'I32': 4, 'I16': 2, 'I8': 1,
+                'U8': 1, 'BOOL': 1, 'F8_E4M3': 1, 'F8_E5M2': 1}
 _DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16,
            'bf16': torch.bfloat16, 'float16': torch.float16, 'fp16': torch.float16}
 
@@ -173,14 +177,20 @@ def weight_map(path: str | os.PathLike[str]) -> tuple[dict[str, Path], Path]:
                           f'(or a single {SAFETENSORS_FILE})')
 
 
-def _shard_headers(mapping: Mapping[str, Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """Read the shapes of all keys from the shard headers (no tensor data is read)."""
+def _shard_headers(mapping: Mapping[str, Path]
+                   ) -> dict[str, tuple[Path, tuple[int, ...], int]]:
+    """Read (shard, shape, bytes) of all keys from the shard headers (no tensor data is read).
+
+    Every shard must hold exactly the keys the index assigns to it: a key the index lists
+    elsewhere or not at all means the shards and the index disagree (CheckpointError naming
+    the shard and the keys).
+    """
     from safetensors import safe_open
 
     by_shard: dict[Path, list[str]] = {}
     for key, shard in mapping.items():
         by_shard.setdefault(shard, []).append(key)
-    out: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    out: dict[str, tuple[Path, tuple[int, ...], int]] = {}
     for shard, keys in sorted(by_shard.items()):
         try:
             with safe_open(str(shard), framework='pt', device='cpu') as f:
@@ -189,8 +199,16 @@ def _shard_headers(mapping: Mapping[str, Path]) -> dict[str, tuple[Path, tuple[i
                 if absent:
                     raise CheckpointError(f'{shard.name} lacks {len(absent)} keys that the index '
                                           f'assigns to it: {_keys_text(absent)}')
+                extra = sorted(present - set(keys))
+                if extra:
+                    raise CheckpointError(f'{shard.name} holds {len(extra)} keys that '
+                                          f'{SAFETENSORS_INDEX_FILE} does not assign to it: '
+                                          f'{_keys_text(extra)}')
                 for key in keys:
-                    out[key] = (shard, tuple(f.get_slice(key).get_shape()))
+                    sl = f.get_slice(key)
+                    shape = tuple(sl.get_shape())
+                    out[key] = (shard, shape, math.prod(shape) * _DTYPE_BYTES.get(
+                        sl.get_dtype(), 0))
         except CheckpointError:
             raise
         except Exception as exc:
@@ -198,7 +216,7 @@ def _shard_headers(mapping: Mapping[str, Path]) -> dict[str, tuple[Path, tuple[i
     return out
 
 
-def check_keys(model: torch.nn.Module, headers: Mapping[str, tuple[Path, tuple[int, ...]]],
+def check_keys(model: torch.nn.Module, headers: Mapping[str, tuple[Path, tuple[int, ...], int]],
                listing: Path) -> dict[str, str]:
     """Compare checkpoint keys and shapes with ``model``; return ``{checkpoint key: model key}``.
 
@@ -236,42 +254,115 @@ def check_keys(model: torch.nn.Module, headers: Mapping[str, tuple[Path, tuple[i
     return renamed
 
 
+def _check_total_size(listing: Path, headers: Mapping[str, tuple[Path, tuple, int]]) -> None:
+    """CheckpointError if the index's ``metadata.total_size`` differs from the shards' bytes."""
+    if listing.name != SAFETENSORS_INDEX_FILE:
+        return
+    total = (read_json_file(listing, 'weight index').get('metadata') or {}).get('total_size')
+    nbytes = sum(h[2] for h in headers.values())
+    if isinstance(total, int) and total != nbytes:
+        raise CheckpointError(f'{listing.name} says the weights are {total} bytes, but the '
+                              f'shards hold {nbytes}: the shards and the index disagree (a '
+                              'shard of another checkpoint?)')
+
+
+class LoadProgress:
+    """Reports bytes loaded, MB/s and ETA through ``report`` (a line at most every ``every_s``)."""
+
+    def __init__(self, total_bytes: int, report: Callable[[str], None] | None,
+                 label: str, every_s: float = 2.0) -> None:
+        """Start counting towards ``total_bytes``."""
+        self.total, self.done = max(1, int(total_bytes)), 0
+        self.report, self.label, self.every_s = report, label, every_s
+        self.start = self._last = time.perf_counter()
+
+    def add(self, nbytes: int, final: bool = False) -> None:
+        """Count ``nbytes`` more; report if due (always when ``final``)."""
+        self.done += int(nbytes)
+        now = time.perf_counter()
+        if self.report is None or (not final and now - self._last < self.every_s):
+            return
+        self._last = now
+        elapsed = max(now - self.start, 1e-6)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float('inf')
+        self.report(f'{self.label}: {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB '
+                    f'({100 * self.done / self.total:.0f}%), {rate / 1e6:.0f} MB/s, '
+                    + (f'done in {elapsed:.1f} s' if final else f'ETA {eta:.0f} s'))
+
+
+def _assign(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the parameter or buffer ``key`` (on meta until now)."""
+    module_name, _, leaf = key.rpartition('.')
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf in module._parameters:
+        old = module._parameters[leaf]
+        module._parameters[leaf] = torch.nn.Parameter(
+            tensor, requires_grad=bool(old.requires_grad) and tensor.is_floating_point())
+    else:
+        module._buffers[leaf] = tensor
+
+
 def load_weights(model: OpenVLA, path: str | os.PathLike[str], device: torch.device,
-                 dtype: torch.dtype) -> tuple[Path, ...]:
+                 dtype: torch.dtype, *, quantization: str | None = None, lora: Any = None,
+                 progress: Callable[[str], None] | None = None) -> tuple[Path, ...]:
     """Strictly load the safetensors weights of ``path`` into ``model`` (built on meta).
 
-    Shard by shard: tensors are read through safetensors (memory-mapped), cast to ``dtype`` on
-    ``device`` and assigned. Returns the shard files read.
+    Tensor by tensor, shard by shard: each is read through safetensors (memory-mapped, straight
+    to ``device`` on CUDA), cast to ``dtype``, merged with ``lora`` (a ``lora.LoraAdapter``) if
+    it adapts that weight, and either assigned or, for a layer ``quantization`` covers
+    (``quant.quantizes``), quantized where it lies into an ``Int4Linear`` that replaces the
+    module. So neither the bf16 model nor more than one shard is ever held beside the result.
+    ``progress`` receives a line with GB, MB/s and ETA every two seconds. Returns the shards.
     """
     from safetensors import safe_open
 
     mapping, listing = weight_map(path)
     headers = _shard_headers(mapping)
     renamed = check_keys(model, headers, listing)
+    _check_total_size(listing, headers)
+    if lora is not None:
+        lora.check({k: h[1] for k, h in headers.items()})
+    quantize = None
+    if quantization is not None:
+        from vla_ros.policy.quant import Int4Linear, quantizes
+        quantize = quantizes
     shards = sorted(set(mapping.values()))
+    meter = LoadProgress(sum(h[2] for h in headers.values()), progress,
+                         f'loading {Path(path).name}')
     open_device = str(device) if device.type == 'cuda' else 'cpu'
     for shard in shards:
         keys = [k for k, s in mapping.items() if s == shard]
-        state: dict[str, torch.Tensor] = {}
         try:
             with safe_open(str(shard), framework='pt', device=open_device) as f:
                 for key in keys:
                     tensor = f.get_tensor(key)
-                    if tensor.is_floating_point():
-                        tensor = tensor.to(device=device, dtype=dtype)
+                    nbytes = tensor.numel() * tensor.element_size()
+                    tensor = tensor.to(device=device, dtype=dtype) \
+                        if tensor.is_floating_point() else tensor.to(device=device)
+                    name = renamed[key]
+                    if lora is not None:
+                        tensor = lora.merge(name, tensor)
+                    module_name, _, leaf = name.rpartition('.')
+                    target = model.get_submodule(module_name) if module_name else model
+                    if (quantize is not None and leaf == 'weight' and quantize(module_name)
+                            and type(target) is torch.nn.Linear
+                            and Int4Linear.supports(target.in_features)):
+                        if target.bias is not None:
+                            raise CheckpointError(f'{shard.name}: {module_name} has a bias; '
+                                                  'int4 layers of the Llama take none')
+                        parent, _, child = module_name.rpartition('.')
+                        setattr(model.get_submodule(parent), child, Int4Linear.from_weight(tensor))
                     else:
-                        tensor = tensor.to(device=device)
-                    state[renamed[key]] = tensor
-        except (torch.OutOfMemoryError, MemoryError):
+                        _assign(model, name, tensor)
+                    del tensor
+                    meter.add(nbytes)
+        except (torch.OutOfMemoryError, MemoryError, CheckpointError, KeyboardInterrupt):
             raise
         except Exception as exc:
             raise CheckpointError(f'corrupt safetensors file {shard}: {exc}') from exc
-        result = model.load_state_dict(state, strict=False, assign=True)
-        if result.unexpected_keys:  # cannot happen after check_keys; keep the guard explicit
-            raise CheckpointError(f'{shard.name}: unexpected keys '
-                                  f'{_keys_text(result.unexpected_keys)}')
-        del state
         logger.debug('loaded %d tensors from %s', len(keys), shard.name)
+    meter.add(0, final=True)
     return tuple(shards)
 
 
@@ -473,8 +564,48 @@ def space_token_id(tokenizer: Any) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def memory_estimates(headers: Mapping[str, tuple[Path, tuple[int, ...], int]]) -> dict[str, int]:
+    """Bytes of GPU memory each mode needs for these weights, workspace included (estimates).
+
+    ``none``: bf16 everywhere; ``int4``: the Llama's projections at 0.5 byte per weight plus
+    fp16 scale and offset per group, the rest bf16. The workspace (KV cache, activations,
+    graphs, compile scratch) is taken as 0.4 GB plus 4% of the weights.
+    """
+    from vla_ros.policy.int4_kernels import group_size_for
+    from vla_ros.policy.quant import quantizes
+
+    dense = int4 = 0
+    for key, (_, shape, _) in headers.items():
+        n = math.prod(shape)
+        dense += 2 * n
+        module = timm_to_checkpoint_key(key).rpartition('.')[0]
+        group = group_size_for(shape[-1]) if len(shape) == 2 else None
+        if key.endswith('.weight') and quantizes(module) and group:
+            int4 += n // 2 + 4 * (n // group)
+        else:
+            int4 += 2 * n
+    return {mode: int(b * 1.04 + 0.4e9) for mode, b in (('none', dense), ('int4', int4))}
+
+
+def _memory_message(directory: Path, dev: torch.device, needs: Mapping[str, int], mode: str,
+                    free: int | None, total: int | None) -> str:
+    have = '' if free is None else f' ({free / 1e9:.1f} of {total / 1e9:.1f} GB free)'
+    if free is None:  # not known (the CPU): the smaller modes
+        fit = [m for m, b in needs.items() if b < needs[mode]]
+    else:
+        fit = [m for m, b in needs.items() if b <= free]
+    needs_text = ', '.join(f'{m} about {b / 1e9:.1f} GB' for m, b in needs.items())
+    if fit:
+        advice = 'modes that fit: ' + ', '.join(f'quantization {m}' for m in fit)
+    else:
+        advice = 'no mode fits this device: free memory or use a larger GPU, or device cpu'
+    return (f'not enough memory to load {directory} with quantization {mode} on '
+            f'{dev}{have}: {needs_text}; {advice}')
+
+
 def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = 'cpu',
-                    dtype: torch.dtype | str | None = None, *,
+                    dtype: torch.dtype | str | None = None, *, quantization: str | None = None,
+                    lora: Any = None, progress: Callable[[str], None] | None = None,
                     attn_implementation: str | None = None) -> LoadedCheckpoint:
     """Load an OpenVLA checkpoint directory (real or tiny) without remote code or downloads.
 
@@ -482,6 +613,10 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = '
         path: The checkpoint directory.
         device: Where the weights go ('cpu', 'cuda', 'cuda:1', ...).
         dtype: Compute dtype; None means float32 on the CPU, bfloat16 on a GPU.
+        quantization: None or 'int4': the Llama's projections are quantized as they stream in
+            (``load_weights``).
+        lora: A ``lora.LoraAdapter`` merged into the weights as they stream in.
+        progress: Receives load progress lines (GB, MB/s, ETA).
         attn_implementation: Passed to the Llama config ('sdpa', 'eager', ...); None: default.
 
     Returns:
@@ -489,8 +624,11 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = '
 
     Raises:
         CheckpointError: A missing, corrupt or inconsistent file (named in the message).
-        ConfigError: A bad device/dtype, or out of memory (with the quantized alternatives).
+        ConfigError: A bad device/dtype, or not enough GPU memory (naming the modes that fit,
+            checked before any weight is read and again if the allocator runs out).
 
+    Whatever stops a load (an error, or SIGINT's KeyboardInterrupt) leaves nothing behind: the
+    partial model is dropped and its GPU memory returned before the exception propagates.
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -514,21 +652,32 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = '
     except ConfigError as exc:
         raise CheckpointError(f'{directory / CONFIG_FILE}: {exc}') from exc
     _check_vocab(tokenizer, model, config, directory)
+    mode = quantization or 'none'
+    free = total = None
+    needs = memory_estimates(_shard_headers(weight_map(directory)[0]))
+    if dev.type == 'cuda':
+        free, total = torch.cuda.mem_get_info(dev)
+        if needs[mode] > free:
+            raise ConfigError(_memory_message(directory, dev, needs, mode, free, total))
     try:
-        files = load_weights(model, directory, dev, dt)
+        files = load_weights(model, directory, dev, dt, quantization=quantization, lora=lora,
+                             progress=progress)
         model.materialize_buffers(dev)
-    except (torch.OutOfMemoryError, MemoryError) as exc:
-        raise ConfigError(
-            f'out of memory loading {directory} in {dt} on {dev}: the bf16 7B model needs about '
-            "15 GB; load it with quantization='int4_fast' or 'nf4' (about 4-5 GB) or 'int8' "
-            f'(about 8 GB), or on a larger device ({exc})'
-        ) from exc
-    leftover = model.meta_tensor_names()
-    if leftover:
-        raise CheckpointError(f'{directory}: tensors never loaded: {_keys_text(leftover)}')
+        leftover = model.meta_tensor_names()
+        if leftover:
+            raise CheckpointError(f'{directory}: tensors never loaded: {_keys_text(leftover)}')
+    except BaseException as exc:
+        del model  # nothing of a stopped load survives it
+        gc.collect()
+        if dev.type == 'cuda':
+            torch.cuda.empty_cache()
+        if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+            raise ConfigError(_memory_message(directory, dev, needs, mode, free, total)
+                              + f' ({type(exc).__name__})') from exc
+        raise
     model.eval()
-    logger.info('loaded OpenVLA checkpoint %s (%d weight files) on %s as %s', directory,
-                len(files), dev, dt)
+    logger.info('loaded OpenVLA checkpoint %s (%d weight files) on %s as %s%s', directory,
+                len(files), dev, dt, f', {quantization}' if quantization else '')
     return LoadedCheckpoint(model=model, tokenizer=tokenizer, norm_stats=norm_stats,
                             config=config, preprocessor_config=preprocessor, path=directory,
                             weight_files=files)

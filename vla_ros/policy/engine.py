@@ -1,37 +1,43 @@
-"""The hot path: a static-shape greedy decoder for OpenVLA's Llama, and a graphed vision path.
+"""The hot path: a static-shape, batched greedy decoder for OpenVLA's Llama, and the vision path.
 
-OpenVLA decodes exactly 7 tokens after a ~280-token prefix (BOS + 256 image patches + prompt),
-one sample at a time. At that size a decode step is bound by reading the weights once, and the
-rest of the time goes into launching ~1000 small kernels per step, not into arithmetic. So:
+OpenVLA decodes exactly 7 tokens after a ~280-token prefix (BOS + 256 image patches + prompt).
+At that size a decode step is bound by reading the weights once, and the rest of the time goes
+into launching small kernels, not into arithmetic. So:
 
-* a readable Llama forward (RMSNorm, RoPE, attention, SwiGLU MLP) that reads the weights of the
-  transformers ``LlamaForCausalLM`` it is given (no copy, and no dependency on transformers'
-  cache or attention classes, which change between releases), with a preallocated KV cache;
-* the prefill (prefix padded to a length bucket) and the single-token decode step each captured
-  once as a CUDA graph over static buffers; the greedy ``argmax`` (with the allowed-token mask
-  applied inside the graph) feeds the next step's token buffer on the device, so the 6 decode
-  steps run without a host sync; optionally both are ``torch.compile``d first;
-* ``vision_fn`` (the two ViTs of the fused featurizer on two streams) and ``GraphedModule``,
-  which replays a fixed-shape callable (vision + projector) as a CUDA graph.
+* a readable Llama forward (RMSNorm, RoPE, attention, SwiGLU MLP) over the tensors of the
+  transformers ``LlamaForCausalLM`` it is given (no copy: q/k/v and gate/up are fused and the
+  modules' weights become views of the fused tensors), with a preallocated KV cache and no
+  dependency on transformers' cache or attention classes, which change between releases;
+* batches: B prefixes of different lengths, right-padded to one length bucket, run as one
+  prefill (causal attention never lets a sample see its own padding) and then B tokens per
+  decode step, each at its own position (a per-sample mask hides the padding rows until the
+  step overwrites them); the greedy choice (``pick_tokens``: allowed-token mask, argmax,
+  probability and margin) runs on the device and feeds the next step's token buffer, so the
+  decode steps need no host sync;
+* on CUDA, one decoder layer, the head and the small per-step glue are ``torch.compile``d once
+  (the same compiled layer serves all 32 layers: compile time does not grow with depth, and a
+  restart loads it from the cache of ``vla_ros.policy.cache``), and the prefill and the decode
+  step of each (batch, length) shape are captured as CUDA graphs. A compile or capture failure
+  logs one warning and runs the same forward eagerly; the CPU always runs it eagerly.
+* ``vision_fn`` (the two ViTs of the fused featurizer on two streams, compiled on CUDA) and
+  ``GraphedModule``, which replays a fixed-shape callable (vision + projector) as a CUDA graph
+  per input shape.
 
-On the CPU the same code runs eagerly. The linear layers are called as modules, so layers
-swapped for quantized ones (``quant.py``) run through the same forward; plain bias-free q/k/v
-and gate/up projections are fused (the modules' weights become views into the fused tensor, so
-memory does not grow), int4 ones by concatenating their packed codes.
+Linear layers are read as ``quant.Dense`` or ``quant.Int4Weight`` tensors and computed with
+``quant.linear``, so float and int4 models run through the same forward.
 
 Why a forward of our own rather than transformers' ``StaticCache``: one short file holds the
-whole hot path (what runs in the graph is visible), the decode step's inputs (token, position,
-step) live in device buffers that the graph advances itself, and the code does not move with
-transformers' cache API (5.17 on the GPU machine, 5.24 here). The price: the forward must match
-Llama's numerics, which the tests check token for token against transformers.
+whole hot path (what runs in the graph is visible), the decode step's inputs (tokens, positions,
+step) live in device buffers that the graph advances itself, and batches of different prompt
+lengths need per-sample positions. The price: the forward must match Llama's numerics, which
+the tests check token for token against transformers.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -39,7 +45,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from vla_ros.core.errors import ConfigError
-from vla_ros.policy.quant import fuse_int4_linears
+from vla_ros.policy.quant import LinearWeights, fuse_weights, layer_weights, linear
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +63,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE; x is (B, heads, T, head_dim), cos/sin are (T, head_dim)."""
+    """Rotate-half RoPE; x is (B, heads, T, head_dim), cos/sin broadcast to it."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -90,7 +96,7 @@ def rope_tables(config, positions: int, device, dtype) -> tuple[Tensor, Tensor]:
 
 
 class Decoded(NamedTuple):
-    """What a greedy decode returns, each (n_tokens,) on the engine's device.
+    """What a greedy decode returns, each (B, n_tokens) on the engine's device.
 
     ``tokens``: the chosen ids (long). ``probs``: the probability of each chosen token (float32;
     softmax over the allowed ids when decoding is constrained, over the whole vocabulary
@@ -119,49 +125,19 @@ def pick_tokens(logits: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Te
     return ids, chosen, chosen - top2[..., 1]
 
 
-def _plain_linear(m: nn.Module) -> bool:
-    return type(m) is nn.Linear and m.bias is None
-
-
-def _fuse_linears(mods: list[nn.Linear]) -> nn.Linear:
-    """One linear over the concatenated (output-axis) weights of plain bias-free linears.
-
-    The original modules' weights become views of the fused tensor, so the model still computes
-    the same function and no memory is added.
-    """
-    fused = torch.cat([m.weight.detach() for m in mods], dim=0)
-    start = 0
-    for m in mods:
-        rows = m.weight.shape[0]
-        m.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
-        start += rows
-    out = nn.Linear(fused.shape[1], fused.shape[0], bias=False, device='meta')
-    out.weight = nn.Parameter(fused, requires_grad=False)
-    return out
-
-
-def fuse_projections(mods: list[nn.Module]) -> nn.Module | None:
-    """A single module computing ``cat([m(x) for m in mods], -1)``, or None if they can't fuse."""
-    if all(_plain_linear(m) for m in mods) and len({m.weight.dtype for m in mods}) == 1:
-        return _fuse_linears(mods)
-    return fuse_int4_linears(mods)
-
-
-@dataclass
-class _Layer:
-    """One decoder layer, as references into the transformers module (plus fused projections)."""
+class LayerWeights(NamedTuple):
+    """The tensors of one decoder layer, as the compiled layer function takes them."""
 
     ln1: Tensor
+    qkv: LinearWeights
+    o: LinearWeights
     ln2: Tensor
-    qkv: nn.Module | None       # fused q/k/v projection, or None to call q, k, v
-    q: nn.Module
-    k: nn.Module
-    v: nn.Module
-    o: nn.Module
-    gate_up: nn.Module | None   # fused gate/up projection, or None
-    gate: nn.Module
-    up: nn.Module
-    down: nn.Module
+    gate_up: LinearWeights
+    down: LinearWeights
+
+
+def _bucket(value: int, step: int) -> int:
+    return -(-value // step) * step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,34 +145,26 @@ class _Layer:
 # ---------------------------------------------------------------------------------------------
 
 class DecodeEngine:
-    """Greedy decoding with a preallocated KV cache, graphed prefill and graphed decode step.
+    """Batched greedy decoding with a preallocated KV cache and graphed prefill/decode steps.
 
     Args:
-        language_model: a transformers ``LlamaForCausalLM`` (weights final: merge LoRA and
-            quantize before building the engine; the engine reads the weights, it does not copy
-            them, except that q/k/v and gate/up projections are fused: plain weights in place,
-            int4 weights by concatenating their packed tiles).
-        max_seq_len: KV-cache length; a call needs prefix length + n_tokens - 1 positions.
+        language_model: a transformers ``LlamaForCausalLM`` whose linear layers are plain or
+            ``quant.Int4Linear`` (merge LoRA and quantize before building the engine). The
+            engine reads its tensors; q/k/v and gate/up are fused (the modules keep working,
+            on views of the fused tensors).
+        max_seq_len: the longest prefix + new tokens a call may need (cache positions). The
+            cache itself grows on demand up to this, in steps of ``prefill_bucket``.
         allowed_token_ids: if given, decoding is constrained to these ids (logits of all other
-            ids are set to -inf before the argmax, inside the graph). ``None``: unconstrained.
-        use_cuda_graph: replay prefill and decode step as CUDA graphs (CUDA only; ignored on
-            the CPU). If a capture fails (a quantized layer that cannot be captured) the engine
-            logs why (``graph_error``) and runs eagerly.
-        compile_step: wrap the engine's two steps, prefill and decode step, in
-            ``torch.compile`` (fuses the small element-wise kernels: norms, RoPE, SiLU,
-            residuals) before the graph capture. Compilation takes about 40 s for the decode
-            step and for each prefill length bucket.
-        fuse_projections: fuse q/k/v and gate/up (see above).
+            ids are -inf before the argmax and the softmax). ``None``: unconstrained.
+        use_cuda_graph: replay prefill and decode step as CUDA graphs (CUDA only).
+        compile: ``torch.compile`` the layer, the head and the step glue (CUDA only).
         prefill_bucket: prefixes are zero-padded on the right to a multiple of this, so that
-            one prefill graph serves every prompt length in a bucket. Padding sits after the
-            real tokens, so causal attention never sees it, and the decode step overwrites its
-            cache rows before they are unmasked.
+            one prefill graph serves every prompt length in a bucket.
     """
 
     def __init__(self, language_model: nn.Module, max_seq_len: int,
                  allowed_token_ids: Tensor | None = None, use_cuda_graph: bool = True,
-                 compile_step: bool = False, fuse_projections: bool = True,
-                 prefill_bucket: int = 16) -> None:
+                 compile: bool = True, prefill_bucket: int = 16) -> None:
         cfg = language_model.config
         if max_seq_len < 2:
             raise ConfigError(f'max_seq_len must be >= 2, got {max_seq_len}')
@@ -208,7 +176,7 @@ class DecodeEngine:
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, 'num_key_value_heads', None) or self.n_heads
         self.head_dim = getattr(cfg, 'head_dim', None) or cfg.hidden_size // self.n_heads
-        self.eps = cfg.rms_norm_eps
+        self.eps = float(cfg.rms_norm_eps)
         self.scale = 1.0 / math.sqrt(self.head_dim)
 
         body = language_model.model
@@ -217,247 +185,300 @@ class DecodeEngine:
         if self.device.type == 'meta':
             raise ConfigError('the language model is still on the meta device; load weights first')
         self.hidden = self.embed.shape[1]
-        self.norm = body.norm.weight
-        self.lm_head = language_model.lm_head
         self.vocab_size = self.embed.shape[0]
-        self.layers = [self._wrap_layer(layer, fuse_projections) for layer in body.layers]
-
-        with torch.inference_mode():
-            self._build_buffers(allowed_token_ids)
-
-        self.use_cuda_graph = bool(use_cuda_graph) and self.device.type == 'cuda'
+        self.norm = body.norm.weight
+        self.lm_head = layer_weights(language_model.lm_head, 'lm_head')
+        self.layers = [self._read_layer(i, layer) for i, layer in enumerate(body.layers)]
+        cuda = self.device.type == 'cuda'
+        self.use_cuda_graph = bool(use_cuda_graph) and cuda
         self.graph_error: str | None = None
-        self._decode_graph: torch.cuda.CUDAGraph | None = None
-        self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._prefill_inputs: dict[int, Tensor] = {}
-        self._step_fn: Callable[[], None] = self._decode_step
-        self._prefill_fn: Callable[[Tensor], None] = self._prefill
-        if compile_step:
-            self._step_fn = torch.compile(self._decode_step, fullgraph=True, dynamic=False)
-            self._prefill_fn = torch.compile(self._prefill, fullgraph=True, dynamic=False)
+        self.compile_error: str | None = None
+
+        self.logit_bias: Tensor | None = None
+        if allowed_token_ids is not None:
+            ids = torch.as_tensor(allowed_token_ids, dtype=torch.long).flatten()
+            if ids.numel() < 2 or int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+                raise ConfigError(f'allowed_token_ids must be at least 2 ids in [0, '
+                                  f'{self.vocab_size}), got {ids.numel()} ids')
+            self.logit_bias = torch.full((self.vocab_size,), float('-inf'), device=self.device)
+            self.logit_bias[ids.to(self.device)] = 0.0
+        self.cos, self.sin = rope_tables(cfg, self.max_seq_len, self.device, self.dtype)
+        self._layer_fn: Callable = self._layer
+        self._head_fn: Callable = self._head
+        self._compiled = bool(compile) and cuda
+        if self._compiled:
+            self._layer_fn = torch.compile(self._layer, dynamic=None)
+            self._head_fn = torch.compile(self._head, dynamic=None)
+        self._batch_cap = 0
+        self._seq_cap = 0
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._prefill_in: dict[tuple[int, int], Tensor] = {}
 
     # -- construction ------------------------------------------------------------------------
 
-    def _wrap_layer(self, layer: nn.Module, fuse: bool) -> _Layer:
+    def _read_layer(self, i: int, layer: nn.Module) -> LayerWeights:
         att, mlp = layer.self_attn, layer.mlp
-        qkv = fuse_projections([att.q_proj, att.k_proj, att.v_proj]) if fuse else None
-        gate_up = fuse_projections([mlp.gate_proj, mlp.up_proj]) if fuse else None
-        return _Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                      qkv, att.q_proj, att.k_proj, att.v_proj, att.o_proj,
-                      gate_up, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        name = f'model.layers.{i}'
+        qkv = fuse_weights([att.q_proj, att.k_proj, att.v_proj],
+                           [f'{name}.self_attn.{p}_proj' for p in 'qkv'])
+        gate_up = fuse_weights([mlp.gate_proj, mlp.up_proj],
+                               [f'{name}.mlp.gate_proj', f'{name}.mlp.up_proj'])
+        return LayerWeights(layer.input_layernorm.weight,
+                            qkv, layer_weights(att.o_proj, f'{name}.self_attn.o_proj'),
+                            layer.post_attention_layernorm.weight, gate_up,
+                            layer_weights(mlp.down_proj, f'{name}.mlp.down_proj'))
 
-    def _build_buffers(self, allowed: Tensor | None) -> None:
-        dev, s = self.device, self.max_seq_len
-        # One (1, kv_heads, max_seq_len, head_dim) tensor per layer: separate buffers keep the
-        # in-place cache writes simple for torch.compile.
-        shape = (1, self.n_kv, s, self.head_dim)
-        self.k_cache = [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, device=dev, dtype=self.dtype) for _ in self.layers]
-        self.cos, self.sin = rope_tables(self.config, s, dev, self.dtype)
+    def _ensure_capacity(self, batch: int, seq: int) -> None:
+        """Grow the cache and the step buffers to hold ``batch`` samples of ``seq`` positions.
+
+        Growing drops the captured graphs (they point at the old buffers).
+        """
+        if batch <= self._batch_cap and seq <= self._seq_cap:
+            return
+        b = max(batch, self._batch_cap)
+        s = min(self.max_seq_len, max(seq, self._seq_cap))
+        dev, dt = self.device, self.dtype
+        self._graphs.clear()
+        self._prefill_in.clear()
+        self.k_cache = self.v_cache = []  # free the old cache before allocating the new one
+        shape = (b, self.n_kv, s, self.head_dim)
+        self.k_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in self.layers]
         self.positions = torch.arange(s, device=dev)
-        self.logit_bias: Tensor | None = None
-        if allowed is not None:
-            ids = torch.as_tensor(allowed, dtype=torch.long).flatten()
-            if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
-                raise ConfigError(f'allowed_token_ids must be non-empty ids in [0, '
-                                  f'{self.vocab_size}), got {ids.numel()} ids')
-            bias = torch.full((self.vocab_size,), float('-inf'), device=dev)
-            bias[ids.to(dev)] = 0.0
-            self.logit_bias = bias
-        # Static inputs/outputs of the graphs: the real prefix length, the token to embed, its
-        # position, the step counter (index into out_tokens). The graphs advance them on the
-        # device, so no host sync is needed between steps.
-        self.prefix_len = torch.zeros(1, dtype=torch.long, device=dev)
-        self.token = torch.zeros(1, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.lengths = torch.ones(b, dtype=torch.long, device=dev)
+        self.token = torch.zeros(b, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(b, dtype=torch.long, device=dev)
         self.step = torch.zeros(1, dtype=torch.long, device=dev)
-        self.out_tokens = torch.zeros(s, dtype=torch.long, device=dev)
-        self.out_probs = torch.zeros(s, dtype=torch.float32, device=dev)
-        self.out_margins = torch.zeros(s, dtype=torch.float32, device=dev)
+        self.out_tokens = torch.zeros(b, s, dtype=torch.long, device=dev)
+        self.out_probs = torch.zeros(b, s, dtype=torch.float32, device=dev)
+        self.out_margins = torch.zeros(b, s, dtype=torch.float32, device=dev)
+        self._batch_cap, self._seq_cap = b, s
 
     # -- the forward -------------------------------------------------------------------------
 
-    def _attention_block(self, i: int, lay: _Layer, x: Tensor, cos: Tensor, sin: Tensor,
-                         decode_pos: Tensor | None, decode_mask: Tensor | None) -> Tensor:
+    def _layer(self, x: Tensor, w: LayerWeights, kc: Tensor, vc: Tensor, cos: Tensor,
+               sin: Tensor, pos: Tensor | None, mask: Tensor | None) -> Tensor:
+        """One decoder layer on x (B, T, hidden); prefill (``pos`` None) or one decode step.
+
+        Prefill: positions 0..T-1, K/V written to cache rows 0..T-1, causal attention. Decode
+        (T = 1): sample b's K/V written at row ``pos[b]``, attention over the cache under
+        ``mask`` (B, 1, 1, S).
+        """
         b, t, _ = x.shape
-        h = rms_norm(x, lay.ln1, self.eps)
         nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        if lay.qkv is not None:
-            q, k, v = lay.qkv(h).split([nq, nkv, nkv], dim=-1)
-        else:
-            q, k, v = lay.q(h), lay.k(h), lay.v(h)
+        q, k, v = linear(rms_norm(x, w.ln1, self.eps), w.qkv).split([nq, nkv, nkv], dim=-1)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv != self.n_heads
-        if decode_pos is None:      # prefill: positions 0..t-1, causal attention over the prefix
-            self.k_cache[i][:, :, :t].copy_(k)
-            self.v_cache[i][:, :, :t].copy_(v)
+        if pos is None:
+            kc[:, :, :t].copy_(k)
+            vc[:, :, :t].copy_(v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
                                                enable_gqa=gqa)
-        else:                       # one token at decode_pos, attending to cache[:pos + 1]
-            kc, vc = self.k_cache[i], self.v_cache[i]
-            kc.index_copy_(2, decode_pos, k)
-            vc.index_copy_(2, decode_pos, v)
-            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=decode_mask, scale=self.scale,
-                                               enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(b, t, nq)
-        return x + lay.o(y)
-
-    def _mlp_block(self, lay: _Layer, x: Tensor) -> Tensor:
-        h = rms_norm(x, lay.ln2, self.eps)
-        if lay.gate_up is not None:
-            gate, up = lay.gate_up(h).chunk(2, dim=-1)
         else:
-            gate, up = lay.gate(h), lay.up(h)
-        return x + lay.down(F.silu(gate) * up)
+            rows = torch.arange(b, device=x.device)[:, None]
+            heads = torch.arange(self.n_kv, device=x.device)[None, :]
+            kc.index_put_((rows, heads, pos[:, None]), k[:, :, 0])
+            vc.index_put_((rows, heads, pos[:, None]), v[:, :, 0])
+            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=gqa)
+        x = x + linear(y.transpose(1, 2).reshape(b, t, nq), w.o)
+        gate, up = linear(rms_norm(x, w.ln2, self.eps), w.gate_up).chunk(2, dim=-1)
+        return x + linear(F.silu(gate) * up, w.down)
 
-    def _forward(self, x: Tensor, cos: Tensor, sin: Tensor, last: Tensor | None,
-                 decode_pos: Tensor | None = None,
-                 decode_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Run all layers on x (1, T, hidden); return the next token (``pick_tokens``), (1,) each.
+    def _head(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Final norm, lm_head and the greedy choice for x (B, hidden)."""
+        return pick_tokens(linear(rms_norm(x, self.norm, self.eps), self.lm_head),
+                           self.logit_bias)
 
-        The token is read off row ``last`` (a (1,) index tensor; None: the last row).
+    def _layers(self, x: Tensor, b: int, cos: Tensor, sin: Tensor, pos: Tensor | None,
+                mask: Tensor | None) -> Tensor:
+        for i, w in enumerate(self.layers):
+            x = self._layer_fn(x, w, self.k_cache[i][:b], self.v_cache[i][:b], cos, sin, pos,
+                               mask)
+        return x
+
+    def _record(self, b: int, picked: tuple[Tensor, Tensor, Tensor]) -> None:
+        ids, prob, margin = picked
+        self.token[:b].copy_(ids)
+        self.out_tokens[:b].index_copy_(1, self.step, ids[:, None])
+        self.out_probs[:b].index_copy_(1, self.step, prob[:, None])
+        self.out_margins[:b].index_copy_(1, self.step, margin[:, None])
+
+    def _prefill(self, b: int, t: int) -> None:
+        """Prefill from the padded input buffer (b, t); the real lengths are ``self.lengths``.
+
+        Writes token 0 of each sample and sets token, pos and step for the decode steps.
         """
-        for i, lay in enumerate(self.layers):
-            x = self._attention_block(i, lay, x, cos, sin, decode_pos, decode_mask)
-            x = self._mlp_block(lay, x)
-        x = x[:, -1] if last is None else x.index_select(1, last)[:, 0]
-        return pick_tokens(self.lm_head(rms_norm(x, self.norm, self.eps)), self.logit_bias)
-
-    def _record(self, index: Tensor, picked: tuple[Tensor, Tensor, Tensor]) -> None:
-        nxt, prob, margin = picked
-        self.token.copy_(nxt)
-        self.out_tokens.index_copy_(0, index, nxt)
-        self.out_probs.index_copy_(0, index, prob)
-        self.out_margins.index_copy_(0, index, margin)
-
-    def _prefill(self, x: Tensor) -> None:
-        """Prefill the cache from the padded prefix x (1, T, hidden).
-
-        The real length is ``self.prefix_len``. Writes out_tokens[0] and sets token, pos and
-        step for the decode steps.
-        """
-        t = x.shape[1]
+        x = self._layers(self._prefill_in[(b, t)], b, self.cos[:t], self.sin[:t], None, None)
+        lengths = self.lengths[:b]
+        last = x[torch.arange(b, device=x.device), lengths - 1]
         self.step.zero_()
-        self._record(self.step, self._forward(x, self.cos[:t], self.sin[:t], self.prefix_len - 1))
-        self.pos.copy_(self.prefix_len)
+        self._record(b, self._head_fn(last))
+        self.pos[:b].copy_(lengths)
         self.step.fill_(1)
 
-    def _decode_step(self) -> None:
-        """One token: embed self.token at self.pos, write out_tokens[step], advance all three."""
-        x = F.embedding(self.token, self.embed).view(1, 1, -1)
-        cos, sin = self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)
-        mask = (self.positions <= self.pos).view(1, 1, 1, -1)
-        self._record(self.step, self._forward(x, cos, sin, None, self.pos, mask))
-        self.pos.add_(1)
+    def _decode_step(self, b: int) -> None:
+        """One token per sample at its own position; advances token, pos and step."""
+        pos = self.pos[:b]
+        x = F.embedding(self.token[:b], self.embed).view(b, 1, -1)
+        cos = self.cos.index_select(0, pos).view(b, 1, 1, -1)
+        sin = self.sin.index_select(0, pos).view(b, 1, 1, -1)
+        mask = (self.positions[None, :] <= pos[:, None]).view(b, 1, 1, -1)
+        x = self._layers(x, b, cos, sin, pos, mask)
+        self._record(b, self._head_fn(x[:, 0]))
+        self.pos[:b].add_(1)
         self.step.add_(1)
 
-    # -- graphs ------------------------------------------------------------------------------
+    # -- running: eager, compiled, graphed ---------------------------------------------------
 
-    def _capture(self, fn: Callable[[], None], before: Callable[[], None]) -> \
+    def _disable_compile(self, exc: Exception) -> None:
+        self.compile_error = f'{type(exc).__name__}: {exc}'
+        self._compiled = False
+        self._layer_fn, self._head_fn = self._layer, self._head
+        logger.warning('torch.compile of the engine failed, running it uncompiled: %s',
+                       self.compile_error[:2000])
+
+    def _warm(self, fn: Callable[[], None], runs: int) -> None:
+        """Run ``fn`` (compiling it on first use); a compile failure falls back to eager."""
+        for _ in range(runs):
+            try:
+                fn()
+            except (torch.OutOfMemoryError, ConfigError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - dynamo/inductor raise many types
+                if not self._compiled:
+                    raise
+                self._disable_compile(exc)
+                fn()
+
+    def _run(self, key: tuple, fn: Callable[[], None], reset: Callable[[], None]) -> None:
+        """Run ``fn`` by graph replay (capturing it on first use), else directly."""
+        if not self.use_cuda_graph:
+            if self._compiled and key not in self._graphs:
+                self._warm(fn, 1)
+                self._graphs[key] = None  # seen: compiled for this shape
+                return
+            fn()
+            return
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._capture(fn, reset)
+            if graph is None:  # capture failed: eager from now on
+                fn()
+                return
+            self._graphs[key] = graph
+        graph.replay()
+
+    def _capture(self, fn: Callable[[], None], reset: Callable[[], None]) -> \
             torch.cuda.CUDAGraph | None:
-        """Warm ``fn`` up on a side stream (compiling it if asked), then capture it.
+        """Warm ``fn`` up on a side stream (compiling it and tuning kernels), then capture it.
 
-        ``before`` resets the static state before each run. Returns None (and switches the
-        engine to eager mode, saying why) if the capture fails.
+        ``reset`` restores the static state before the capture. Returns None (and switches the
+        engine to eager replay, saying why once) if the capture fails.
         """
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            reset()
+            self._warm(fn, 3)
+        torch.cuda.current_stream(self.device).wait_stream(side)
         try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    before()
-                    fn()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            before()
+            reset()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 fn()
             return graph
-        except Exception as exc:  # a layer that cannot be captured: run eagerly, say why
+        except Exception as exc:  # noqa: BLE001 - a layer that cannot be captured
             self.graph_error = f'{type(exc).__name__}: {exc}'
             self.use_cuda_graph = False
-            logger.warning('CUDA graph capture failed, running eagerly: %s', self.graph_error)
+            self._graphs.clear()
+            logger.warning('CUDA graph capture failed, running without graphs: %s',
+                           self.graph_error[:2000])
             torch.cuda.synchronize(self.device)
             return None
 
-    def _reset_decode_state(self) -> None:
-        self.pos.zero_()
-        self.step.zero_()
+    def padded_length(self, length: int) -> int:
+        """The prefill length a prefix of ``length`` tokens is padded to."""
+        return min(self.max_seq_len, _bucket(length, self.prefill_bucket))
 
-    def _padded_length(self, length: int) -> int:
-        b = self.prefill_bucket
-        return min(self.max_seq_len, -(-length // b) * b)
-
-    def warmup(self, prefix_lengths: tuple[int, ...] = ()) -> None:
-        """Capture the decode graph and the prefill graphs for these prefix lengths now.
-
-        Otherwise the first ``generate`` of each length bucket does (and, with
-        ``compile_step``, compiles), which makes that call slow.
-        """
-        for length in prefix_lengths or (1,):
-            self.generate(torch.zeros(1, length, self.hidden, device=self.device,
-                                      dtype=self.dtype), 2)
+    def warmup(self, prefix_lengths: Sequence[int] = (1,), batch_sizes: Sequence[int] = (1,),
+               n_tokens: int = 7) -> None:
+        """Compile, tune and capture now for these shapes (else the first call of each does)."""
+        for b in sorted(set(batch_sizes), reverse=True):
+            for length in prefix_lengths:
+                self.generate(torch.zeros(b, length, self.hidden, device=self.device,
+                                          dtype=self.dtype), [length] * b, n_tokens)
 
     @property
     def graph_captured(self) -> bool:
-        """Whether the decode step replays as a CUDA graph."""
-        return self._decode_graph is not None
+        """Whether some step replays as a CUDA graph."""
+        return self.use_cuda_graph and any(g is not None for g in self._graphs.values())
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the layer runs compiled (False after a compile failure, and on the CPU)."""
+        return self._compiled
 
     # -- public ------------------------------------------------------------------------------
 
-    def generate(self, inputs_embeds: Tensor, n_tokens: int = 7) -> Decoded:
-        """Greedy-decode ``n_tokens`` after the prefix.
+    def generate(self, inputs_embeds: Tensor, lengths: Sequence[int] | None = None,
+                 n_tokens: int = 7) -> Decoded:
+        """Greedy-decode ``n_tokens`` after each prefix of a batch.
 
-        Returns ``Decoded`` (tokens, probs, margins), each (n_tokens,) on the engine's device
-        (fresh tensors, not views of the engine's buffers).
-
-        ``inputs_embeds`` is (1, L, hidden) in the model's dtype (what ``embed_prefix`` returns).
-        The call's state lives in the cache positions it writes; positions left over from
-        earlier calls are masked out or overwritten, so calls do not leak into each other.
+        ``inputs_embeds`` is (B, L, hidden) in the model's dtype, sample b's prefix in rows
+        ``0 .. lengths[b] - 1`` (the rest is padding and ignored); ``lengths`` defaults to
+        L for every sample. Returns ``Decoded`` with (B, n_tokens) tensors on the engine's
+        device (fresh tensors, not views of the engine's buffers). The call's state lives in
+        the cache positions it writes; what earlier calls left there is masked out or
+        overwritten, so calls do not leak into each other.
         """
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1 \
-                or inputs_embeds.shape[2] != self.hidden:
-            raise ConfigError(f'inputs_embeds must be (1, L, hidden={self.hidden}): the engine '
-                              f'decodes one sample at a time, got {tuple(inputs_embeds.shape)}')
-        length = inputs_embeds.shape[1]
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[2] != self.hidden \
+                or inputs_embeds.shape[0] < 1:
+            raise ConfigError(f'inputs_embeds must be (B, L, hidden={self.hidden}), got '
+                              f'{tuple(inputs_embeds.shape)}')
+        b, width = inputs_embeds.shape[:2]
+        lengths = [width] * b if lengths is None else [int(n) for n in lengths]
+        if len(lengths) != b:
+            raise ConfigError(f'{len(lengths)} lengths for a batch of {b}')
         if n_tokens < 1:
             raise ConfigError(f'n_tokens must be >= 1, got {n_tokens}')
-        if length < 1 or length + n_tokens - 1 > self.max_seq_len:
-            raise ConfigError(f'a prefix of {length} tokens plus {n_tokens} new tokens needs '
-                              f'{length + n_tokens - 1} cache positions, more than max_seq_len='
+        longest = max(lengths)
+        if min(lengths) < 1 or longest > width:
+            raise ConfigError(f'lengths must be in [1, {width}], got {lengths}')
+        if longest + n_tokens - 1 > self.max_seq_len:
+            raise ConfigError(f'a prefix of {longest} tokens plus {n_tokens} new tokens needs '
+                              f'{longest + n_tokens - 1} cache positions, more than max_seq_len='
                               f'{self.max_seq_len}; build the engine with a larger max_seq_len')
+        t = self.padded_length(longest)
+        self._ensure_capacity(b, _bucket(max(t, longest + n_tokens - 1), self.prefill_bucket))
         with torch.inference_mode():
-            padded = self._padded_length(length)
-            buf = self._prefill_inputs.get(padded)
+            buf = self._prefill_in.get((b, t))
             if buf is None:
-                buf = torch.zeros(1, padded, self.hidden, device=self.device, dtype=self.dtype)
-                self._prefill_inputs[padded] = buf
-            buf[:, :length].copy_(inputs_embeds)
-            if padded > length:
-                buf[:, length:].zero_()
-            self.prefix_len.fill_(length)
+                buf = torch.zeros(b, t, self.hidden, device=self.device, dtype=self.dtype)
+                self._prefill_in[(b, t)] = buf
+            n = min(width, t)
+            buf[:, :n].copy_(inputs_embeds[:, :n])
+            if t > n:
+                buf[:, n:].zero_()
+            self.lengths[:b].copy_(torch.as_tensor(lengths), non_blocking=True)
+            # padding is zeroed, so whatever the caller left there (even NaN) stays unread
+            padding = self.positions[:t][None, :] >= self.lengths[:b, None]
+            buf.masked_fill_(padding[:, :, None], 0.0)
 
-            if self.use_cuda_graph and padded not in self._prefill_graphs:
-                graph = self._capture(lambda: self._prefill_fn(buf), lambda: None)
-                if graph is not None:
-                    self._prefill_graphs[padded] = graph
-            if self.use_cuda_graph and self._decode_graph is None and n_tokens > 1:
-                self._decode_graph = self._capture(self._step_fn, self._reset_decode_state)
-            # (captures ran warm-up steps on scratch state; the prefill below resets all of it)
-            if self.use_cuda_graph:
-                self._prefill_graphs[padded].replay()
-            else:
-                self._prefill_fn(buf)
+            def reset() -> None:  # the state right after the prefill (warm-ups advanced it)
+                self.token[:b].copy_(self.out_tokens[:b, 0])
+                self.pos[:b].copy_(self.lengths[:b])
+                self.step.fill_(1)
+
+            self._run(('prefill', b, t), lambda: self._prefill(b, t), lambda: None)
             for _ in range(n_tokens - 1):
-                if self.use_cuda_graph:
-                    self._decode_graph.replay()
-                else:
-                    self._step_fn()
-            return Decoded(self.out_tokens[:n_tokens].clone(), self.out_probs[:n_tokens].clone(),
-                           self.out_margins[:n_tokens].clone())
+                self._run(('decode', b), lambda: self._decode_step(b), reset)
+            return Decoded(self.out_tokens[:b, :n_tokens].clone(),
+                           self.out_probs[:b, :n_tokens].clone(),
+                           self.out_margins[:b, :n_tokens].clone())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,18 +490,18 @@ def vision_fn(model: nn.Module, parallel: bool = True,
     """``pixel_values -> projected patches`` for an ``OpenVLA`` model, for ``GraphedModule``.
 
     The two ViTs of a fused backbone (DINOv2 on channels 0:3, SigLIP on 3:6) are independent
-    and, at 256 tokens, too small to fill an H100 on their own, so with ``parallel`` (CUDA
-    only) the second runs on a side stream concurrently with the first; a CUDA graph captures
-    the fork and join. ``torch_compile`` compiles each ViT and the projector (fuses the
-    element-wise work between the GEMMs). On the CPU it runs the ViTs one after the other,
-    computing what ``model.project_patches`` computes.
+    and, at 256 tokens, too small to fill a GPU on their own, so with ``parallel`` (CUDA only)
+    the second runs on a side stream concurrently with the first; a CUDA graph captures the
+    fork and join. ``torch_compile`` compiles each ViT and the projector (fuses the element-wise
+    work between the GEMMs). On the CPU it runs the ViTs one after the other, computing what
+    ``model.project_patches`` computes.
     """
     backbone, projector = model.vision_backbone, model.projector
     vits = list(backbone.featurizers)
     feats = [lambda x, v=v: backbone.vit_features(v, x) for v in vits]
     if torch_compile:
-        feats = [torch.compile(f, dynamic=False) for f in feats]
-        projector = torch.compile(projector, dynamic=False)
+        feats = [torch.compile(f, dynamic=None) for f in feats]
+        projector = torch.compile(projector, dynamic=None)
     device, dtype = model.device, model.dtype
     if not parallel or len(vits) < 2 or device.type != 'cuda':
         def run_serial(px: Tensor) -> Tensor:
@@ -503,54 +524,75 @@ def vision_fn(model: nn.Module, parallel: bool = True,
     return run_parallel
 
 
-# ---------------------------------------------------------------------------------------------
-# Fixed-shape module replay (the vision path)
-# ---------------------------------------------------------------------------------------------
-
 class GraphedModule:
-    """Replays ``fn(x)`` for a fixed input shape as a CUDA graph.
+    """Replays ``fn(x)`` as a CUDA graph, one graph per input shape.
 
-    Meant for the vision featurizer + projector, whose input is always (1, 6, 224, 224): one
-    replay instead of ~700 kernel launches. The input is copied into a static buffer; a new
-    shape or dtype triggers a re-capture. On the CPU (or with ``enabled=False``) it just calls
-    ``fn``. The returned tensor is a clone unless ``clone_output=False``, in which case it is
-    the static output buffer and is overwritten by the next call.
+    Meant for the vision featurizer + projector, whose input is (B, 6, 224, 224): one replay
+    instead of ~700 kernel launches. The input is copied into a static buffer of its shape. On
+    the CPU (or with ``enabled=False``) it calls ``fn``. If warming up or capturing ``fn``
+    fails, ``fallback`` (e.g. the uncompiled function) replaces it, with one warning; without
+    one, or if that fails too, it runs eagerly. The result is a clone unless
+    ``clone_output=False`` (then the static output buffer, overwritten by the next call of
+    that shape).
     """
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], example_input: Tensor,
-                 enabled: bool = True, clone_output: bool = True, warmup_iters: int = 2) -> None:
+    def __init__(self, fn: Callable[[Tensor], Tensor], example_input: Tensor | None = None,
+                 enabled: bool = True, clone_output: bool = True, warmup_iters: int = 2,
+                 fallback: Callable[[Tensor], Tensor] | None = None) -> None:
         self.fn = fn
+        self.fallback = fallback
         self.clone_output = clone_output
         self.warmup_iters = warmup_iters
-        self.enabled = enabled and example_input.is_cuda
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._in: Tensor | None = None
-        self._out: Tensor | None = None
-        if self.enabled:
+        self.enabled = enabled
+        self.error: str | None = None
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        if example_input is not None and self.enabled and example_input.is_cuda:
             self._capture(example_input)
 
-    def _capture(self, example: Tensor) -> None:
+    def _key(self, x: Tensor) -> tuple:
+        return (tuple(x.shape), x.dtype, str(x.device))
+
+    def _capture(self, example: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor] | None:
         with torch.inference_mode():
-            self._in = example.detach().clone()
+            static_in = example.detach().clone()
             side = torch.cuda.Stream(example.device)
             side.wait_stream(torch.cuda.current_stream(example.device))
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup_iters):
-                    self.fn(self._in)
-            torch.cuda.current_stream(example.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._out = self.fn(self._in)
-            self._graph = graph
+            try:
+                with torch.cuda.stream(side):
+                    for _ in range(self.warmup_iters):
+                        self.fn(static_in)
+                torch.cuda.current_stream(example.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static_out = self.fn(static_in)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - compile or capture failure
+                torch.cuda.synchronize(example.device)
+                if self.fallback is None or self.fn is self.fallback:
+                    self.error = f'{type(exc).__name__}: {exc}'
+                    self.enabled = False
+                    logger.warning('vision graph capture failed, running eagerly: %s',
+                                   self.error[:2000])
+                    return None
+                logger.warning('vision: compiled path failed, using the uncompiled one: %s',
+                               f'{type(exc).__name__}: {exc}'[:2000])
+                self.fn = self.fallback
+                return self._capture(example)
+        entry = (graph, static_in, static_out)
+        self._graphs[self._key(example)] = entry
+        return entry
 
     def __call__(self, x: Tensor) -> Tensor:
         """Run ``fn(x)`` (by graph replay on CUDA)."""
-        if not self.enabled:
+        if not self.enabled or not x.is_cuda:
             with torch.inference_mode():
                 return self.fn(x)
-        if x.shape != self._in.shape or x.dtype != self._in.dtype or x.device != self._in.device:
-            self._capture(x)
+        entry = self._graphs.get(self._key(x)) or self._capture(x)
+        if entry is None:
+            return self(x)
+        graph, static_in, static_out = entry
         with torch.inference_mode():
-            self._in.copy_(x)
-            self._graph.replay()
-            return self._out.clone() if self.clone_output else self._out
+            static_in.copy_(x)
+            graph.replay()
+            return static_out.clone() if self.clone_output else static_out

@@ -1,27 +1,44 @@
-"""Int4 weight-only matmul kernels (Triton) for ``quant.Int4Linear``.
+"""Int4 weight-only matmul kernels (Triton) for ``quant.Int4Linear``, and their CPU reference.
 
-A GEMV for decoding (one row) and, for the prefill, a fused dequantize-GEMM or a dequantize
-kernel followed by cuBLAS (whichever is faster for the weight shape, timed at first use).
+One fused kernel computes ``y = x @ W.T`` for any number of rows: it reads each packed weight
+tile once, turns the 4-bit codes into bf16 in registers and feeds the tensor cores with the
+weight tile as the left operand (``y^T = W x^T``), so that few activation rows (decoding: one per
+arm) still fill the matrix units' wide dimension. The per-group scale is applied to the product
+of the raw codes, not to every weight:
+``sum_k w x = scale * sum_k q x + offset * sum_k x`` within a group, so the inner loop does no
+floating-point work per weight beyond the conversion. On Hopper the conversion is four logic
+instructions per eight codes (each code OR-ed into the mantissa of the bf16 number 128, giving
+``128 + q`` exactly, two codes per 32-bit register); elsewhere, and where that inline assembly
+fails its self-check, plain integer-to-bf16 conversions. For many rows (the prefill) the same
+kernel competes with "dequantize into a bf16 scratch, then cuBLAS"; for one row, with a
+CUDA-core GEMV. Which one runs, and with which tile sizes and split of K (few output rows, long
+K: more programs than SMs), is decided per shape by timing the candidates at first use (outside
+graph capture) and remembered in the tuning cache (``vla_ros.policy.cache``), so a restart
+does not time them again.
 
-Layout (chosen for these kernels, simple on purpose):
+Layout (chosen for these kernels):
 
-* ``qweight`` uint8 (N, K/2): byte ``[n, j]`` holds column ``2j`` in its low nibble and ``2j+1``
-  in its high nibble; codes q in [0, 15].
-* ``scales``, ``offsets`` (K/group, N) fp16, so that ``w[n, k] = q[n, k] * scale[g, n] +
-  offset[g, n]`` with ``g = k // group`` (asymmetric, ``offset = min``). Stored group-major so
-  that one group's values for a block of rows are contiguous.
+* ``qweight`` uint8 (N, K/2). Within each group of ``G`` input columns, byte ``j`` (0 <= j <
+  G/2) holds column ``j`` of the group in its low nibble and column ``G/2 + j`` in its high
+  nibble: the two halves of a group are two contiguous runs of activations, so no interleaving
+  is needed anywhere. Codes q in [0, 15].
+* ``scales``, ``offsets`` (K/G, N) fp16: ``w[n, k] = q[n, k] * scale[g, n] + offset[g, n]``,
+  ``g = k // G`` (asymmetric, ``offset = min``), group-major so that one group's values for a
+  block of rows are contiguous. ``G`` is ``K // scales.shape[0]`` (128 for 7B; smaller models
+  with K not a multiple of 128 use 64 or 32).
 
-The GEMV uses ``sum_k w x = sum_g scale * (sum_{k in g} q x) + offset * (sum_{k in g} x)``, so the
-inner loop multiplies integer codes by the activation and applies the scale once per group. The
-GEMM dequantizes each weight tile in registers and feeds the tensor cores. Both read the packed
-weights once (0.5 byte per weight plus 4 bytes per group of 128).
-
-``int4_linear`` is registered as a torch custom op (``vla_ros::int4_linear``) so that
-``torch.compile`` treats it as one opaque call and CUDA graphs capture it. On the CPU it
-dequantizes with torch and calls ``F.linear`` (slow, for tests).
+``int4_mm`` is a torch custom op (``vla_ros::int4_mm``): ``torch.compile`` treats it as one
+opaque call and CUDA graphs capture it. On the CPU it dequantizes with torch and calls
+``F.linear`` (slow, for tests). Under ``TRITON_INTERPRET=1`` the same Triton kernels run on the
+CPU (the tests check them that way against a float64 reference).
 """
 
 from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -33,298 +50,386 @@ try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs may lack it
 except ImportError:  # pragma: no cover - exercised only where Triton is missing
     triton = None
 
-#: How the prefill (more than one row) runs on CUDA: 'fused' (dequantize inside the GEMM),
-#: 'dequant' (dequantize the whole weight into a bf16 scratch tensor, then cuBLAS), or 'auto'
-#: (time both at the first call of each weight shape, outside graph capture, keep the faster).
-PREFILL_MODE = 'auto'
-_AUTO_CHOICE: dict[tuple[int, int], str] = {}
+logger = logging.getLogger(__name__)
+
+#: Group sizes the quantizer uses, largest first (the first that divides K).
+GROUP_SIZES = (128, 64, 32)
+#: Rows up to which the product is "skinny" (decode of a batch): split K, no dequantize path.
+SKINNY_ROWS = 64
 
 
-def pack_int4(q: Tensor) -> Tensor:
-    """Codes (N, K) in [0, 15] -> uint8 (N, K/2), low nibble = even column."""
-    q = q.to(torch.uint8)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+def group_size_for(k: int) -> int | None:
+    """The quantization group for ``k`` input columns (None: no supported group divides it)."""
+    return next((g for g in GROUP_SIZES if k % g == 0), None)
 
 
-def unpack_int4(qweight: Tensor) -> Tensor:
-    """uint8 (N, K/2) -> codes (N, K) as uint8."""
-    lo, hi = qweight & 0xF, qweight >> 4
-    return torch.stack([lo, hi], dim=-1).reshape(qweight.shape[0], -1)
+# ---------------------------------------------------------------------------------------------
+# Packing and the reference (torch)
+# ---------------------------------------------------------------------------------------------
+
+def pack_int4(q: Tensor, group_size: int) -> Tensor:
+    """Codes (N, K) in [0, 15] -> uint8 (N, K/2) in the layout of the module docstring."""
+    n, k = q.shape
+    q = q.to(torch.uint8).reshape(n, k // group_size, 2, group_size // 2)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
-def dequantize_torch(qweight: Tensor, scales: Tensor, offsets: Tensor, group_size: int,
+def unpack_int4(qweight: Tensor, group_size: int) -> Tensor:
+    """uint8 (N, K/2) -> codes (N, K) as uint8 (inverse of ``pack_int4``)."""
+    n = qweight.shape[0]
+    b = qweight.reshape(n, -1, group_size // 2)
+    return torch.stack([b & 0xF, b >> 4], dim=2).reshape(n, -1)
+
+
+def quantize_weight(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric 4-bit quantization of (N, K) ``weight`` per group of ``group_size`` columns.
+
+    Returns ``(qweight, scales, offsets)`` in the kernels' layout, computed where ``weight`` is
+    (in fp32). Codes round against the stored fp16 scale and offset.
+    """
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group_size, group_size)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    scale = ((hi - lo).clamp(min=1e-8) / 15).to(torch.float16)
+    offset = lo.to(torch.float16)
+    q = ((w - offset.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15)
+    qweight = pack_int4(q.reshape(n, k), group_size)
+    return qweight, scale.t().contiguous(), offset.t().contiguous()
+
+
+def dequantize_torch(qweight: Tensor, scales: Tensor, offsets: Tensor,
                      dtype: torch.dtype) -> Tensor:
     """Reference dequantization (N, K) in ``dtype``, computed in fp32."""
-    q = unpack_int4(qweight).float()
-    n, k = q.shape
-    s = scales.float().t().repeat_interleave(group_size, dim=1)
-    m = offsets.float().t().repeat_interleave(group_size, dim=1)
+    k = 2 * qweight.shape[1]
+    group = k // scales.shape[0]
+    q = unpack_int4(qweight, group).float()
+    s = scales.float().t().repeat_interleave(group, dim=1)
+    m = offsets.float().t().repeat_interleave(group, dim=1)
     return (q * s + m).to(dtype)
 
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 if triton is not None:
 
     @triton.jit
-    def _unpack_tile(b):
-        """uint8 [R, C] -> int codes [R, 2C] (column 2j from the low nibble of byte j)."""
-        lo = b & 0xF
-        hi = b >> 4
-        q = tl.join(lo, hi)  # [R, C, 2]
-        return tl.reshape(q, (b.shape[0], 2 * b.shape[1]))
+    def _codes(b, USE_ASM: tl.constexpr):
+        """uint8 tile -> (low-nibble codes, high-nibble codes) as bf16 (128 + q with USE_ASM)."""
+        if USE_ASM:
+            # 4 bytes per register: spread bytes 0,1 (2,3) into the two 16-bit halves, mask a
+            # nibble per half and OR in bf16 128.0 (0x4300), whose last mantissa bit is 1.0.
+            lo, hi = tl.inline_asm_elementwise(
+                asm="""
+                {
+                .reg .b32 t0, t1, z;
+                mov.b32 z, 0;
+                prmt.b32 t0, $4, z, 0x4140;
+                prmt.b32 t1, $4, z, 0x4342;
+                lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
+                lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xEA;
+                shr.u32 t0, t0, 4;
+                shr.u32 t1, t1, 4;
+                lop3.b32 $2, t0, 0x000F000F, 0x43004300, 0xEA;
+                lop3.b32 $3, t1, 0x000F000F, 0x43004300, 0xEA;
+                }
+                """,
+                constraints='=r,=r,=r,=r,r',
+                args=[b],
+                dtype=(tl.bfloat16, tl.bfloat16),
+                is_pure=True,
+                pack=4,
+            )
+        else:
+            lo = (b & 0xF).to(tl.float32).to(tl.bfloat16)
+            hi = (b >> 4).to(tl.float32).to(tl.bfloat16)
+        return lo, hi
 
-    def _prune_gemv(configs, named_args, **kwargs):
-        chunk = named_args['K_CHUNK']
-        return [c for c in configs if chunk % c.kwargs['BLOCK_K'] == 0] or configs[-1:]
-
-    @triton.autotune(
-        configs=[
-            triton.Config({'BLOCK_N': bn, 'BLOCK_K': bk}, num_warps=w, num_stages=st)
-            for bn, bk, w, st in [(8, 512, 4, 3), (16, 512, 4, 3), (16, 256, 4, 4),
-                                  (32, 256, 4, 3), (8, 1024, 4, 3), (32, 512, 8, 3),
-                                  (64, 256, 8, 3), (4, 1024, 4, 4), (16, 128, 2, 4)]
-        ],
-        key=['N', 'K', 'K_CHUNK'],
-        prune_configs_by={'early_config_prune': _prune_gemv},
-    )
     @triton.jit
-    def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, N, K, K_CHUNK,
-                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # One program: BLOCK_N rows over the whole K, BLOCK_K columns per step. The codes are
-        # read as int32 words (word j = columns 8j..8j+7, column 8j+t in bits 4t..4t+3) and
-        # turned into floats without conversion instructions: OR-ing a code into the mantissa
-        # of 2^23 and subtracting 2^23 gives it exactly (int-to-float conversions run at a
-        # fraction of the FMA rate and would bound the kernel). The accumulator stays
-        # element-wise ([rows, groups, words per group]); the loop has no reduction, and the
-        # scale and offset of each group are applied as sum(q x) * s + sum(x) * m. With a split
-        # K (program_id(1) > 0 exists), each program covers K_CHUNK columns and writes one row
-        # of partial sums y[split, N] (fp32), summed by the caller.
-        WPB: tl.constexpr = BLOCK_K // 8
-        NG: tl.constexpr = BLOCK_K // GROUP
-        WPG: tl.constexpr = GROUP // 8
-        pid = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = rn < N
-        rj = tl.arange(0, WPB)
-        rg = tl.arange(0, NG)
-        words_per_row = K // 8
-        k_begin = pid_k * K_CHUNK
-        k_end = tl.minimum(k_begin + K_CHUNK, K)
-        acc = tl.zeros([BLOCK_N, NG, WPG], dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            w = tl.load(qw_ptr + rn[:, None] * words_per_row + (k0 // 8 + rj)[None, :],
-                        mask=nmask[:, None], other=0)
-            p = tl.zeros([BLOCK_N, WPB], dtype=tl.float32)
-            xs = tl.zeros([WPB], dtype=tl.float32)
-            for t in tl.static_range(8):
-                xt = tl.load(x_ptr + k0 + 8 * rj + t).to(tl.float32)
-                c = (((w >> (4 * t)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-                p += (c - 8388608.0) * xt[None, :]
-                xs += xt
-            gofs = (k0 // GROUP + rg)[None, :] * N + rn[:, None]
-            sc = tl.load(s_ptr + gofs, mask=nmask[:, None], other=0).to(tl.float32)
-            mc = tl.load(m_ptr + gofs, mask=nmask[:, None], other=0).to(tl.float32)
-            acc += (tl.reshape(p, (BLOCK_N, NG, WPG)) * sc[:, :, None]
-                    + tl.reshape(xs, (1, NG, WPG)) * mc[:, :, None])
-        y = tl.sum(tl.sum(acc, axis=2), axis=1)
-        tl.store(y_ptr + pid_k * N + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
-
-    @triton.autotune(
-        configs=[
-            triton.Config({'BLOCK_M': bm, 'BLOCK_N': bn, 'BLOCK_K': bk, 'W_LHS': lhs},
-                          num_warps=w, num_stages=st)
-            for bm, bn, bk, lhs, w, st in [
-                (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 128, 128, 1, 4, 3),
-                (128, 64, 64, 1, 4, 4), (128, 128, 128, 1, 8, 3), (64, 256, 64, 1, 8, 3),
-                (32, 128, 128, 1, 4, 4), (128, 128, 64, 0, 8, 3), (64, 128, 64, 0, 4, 4)]
-        ],
-        key=['N', 'K'],
-    )
-    @triton.jit
-    def _gemm_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, W_LHS: tl.constexpr):
-        # Tile: BLOCK_M activation rows x BLOCK_N weight rows, K in BLOCK_K steps (within one
-        # quantization group). The weight tile is dequantized in registers; with W_LHS it is
-        # the left operand (y^T = W x^T), which the Hopper tensor cores can take from
-        # registers, while x goes through shared memory.
+    def _mm_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, M, N, K, stride_xm, GROUPS_PER_SPLIT,
+                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                   USE_ASM: tl.constexpr, PARTIALS: tl.constexpr, DOT_F32: tl.constexpr):
+        # Program (n, m, s): BLOCK_N weight rows x BLOCK_M activation rows over the groups of
+        # split s. acc^T[n, m] = sum_g scale[g, n] * (codes_g @ x_g^T)[n, m]
+        #                              + (offset[g, n] - bias * scale[g, n]) * sum(x_g)[m].
+        HALF: tl.constexpr = GROUP // 2
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pid_s = tl.program_id(2)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mmask, nmask = rm < M, rn < N
-        rk = tl.arange(0, BLOCK_K)
-        rh = tl.arange(0, BLOCK_K // 2)
-        if W_LHS:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rh = tl.arange(0, HALF)
+        nmask = rn < N
+        mmask = rm < M
+        n_groups = K // GROUP
+        g_begin = pid_s * GROUPS_PER_SPLIT
+        g_end = tl.minimum(g_begin + GROUPS_PER_SPLIT, n_groups)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        w_rows = qw_ptr + rn[:, None] * (K // 2) + rh[None, :]
+        x_rows = x_ptr + rm[:, None] * stride_xm + rh[None, :]
+        for g in range(g_begin, g_end):
+            b = tl.load(w_rows + g * HALF, mask=nmask[:, None], other=0)
+            lo, hi = _codes(b, USE_ASM)
+            xlo = tl.load(x_rows + g * GROUP, mask=mmask[:, None], other=0.0)
+            xhi = tl.load(x_rows + g * GROUP + HALF, mask=mmask[:, None], other=0.0)
+            xs = tl.sum(xlo.to(tl.float32), axis=1) + tl.sum(xhi.to(tl.float32), axis=1)
+            if DOT_F32:  # Triton's interpreter multiplies bf16 tiles wrongly; fp32 there
+                lo, hi = lo.to(tl.float32), hi.to(tl.float32)
+                xlo, xhi = xlo.to(tl.float32), xhi.to(tl.float32)
+            d = tl.dot(lo, tl.trans(xlo))
+            d = tl.dot(hi, tl.trans(xhi), d)
+            s = tl.load(s_ptr + g * N + rn, mask=nmask, other=0.0).to(tl.float32)
+            o = tl.load(m_ptr + g * N + rn, mask=nmask, other=0.0).to(tl.float32)
+            if USE_ASM:  # the codes came out as 128 + q
+                o = o - 128.0 * s
+            acc += s[:, None] * d + o[:, None] * xs[None, :]
+        out_mask = nmask[:, None] & mmask[None, :]
+        if PARTIALS:  # fp32 partial sums y[split, m, n], summed by the caller
+            out = y_ptr + pid_s * M * N + rm[None, :] * N + rn[:, None]
+            tl.store(out, acc, mask=out_mask)
         else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            xt = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :],
-                         mask=mmask[:, None], other=0.0)
-            b = tl.load(qw_ptr + rn[:, None] * (K // 2) + (k0 // 2 + rh)[None, :],
+            tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty),
+                     mask=out_mask)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, N, K, GROUPS_PER_SPLIT,
+                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+        # One activation row on the CUDA cores. Codes are read as int32 words (byte t of word
+        # j of a group holds columns 4j+t and HALF+4j+t) and made floats by OR-ing them into
+        # the mantissa of 2^23 (exact, no conversion instruction). Partials y[split, n] fp32.
+        HALF: tl.constexpr = GROUP // 2
+        WORDS: tl.constexpr = HALF // 4
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        rj = tl.arange(0, WORDS)
+        g_begin = pid_s * GROUPS_PER_SPLIT
+        g_end = tl.minimum(g_begin + GROUPS_PER_SPLIT, K // GROUP)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for g in range(g_begin, g_end):
+            w = tl.load(qw_ptr + rn[:, None] * (K // 8) + g * WORDS + rj[None, :],
                         mask=nmask[:, None], other=0)
-            q = _unpack_tile(b).to(tl.float32)
-            g = k0 // GROUP
-            s = tl.load(s_ptr + g * N + rn, mask=nmask, other=0).to(tl.float32)
-            m = tl.load(m_ptr + g * N + rn, mask=nmask, other=0).to(tl.float32)
-            w = (q * s[:, None] + m[:, None]).to(xt.dtype)
-            if W_LHS:
-                acc = tl.dot(w, tl.trans(xt), acc)
-            else:
-                acc = tl.dot(xt, tl.trans(w), acc)
-        if W_LHS:
-            tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None],
-                     acc.to(y_ptr.dtype.element_ty), mask=mmask[None, :] & nmask[:, None])
-        else:
-            tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :],
-                     acc.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+            p = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+            xs = tl.zeros((WORDS,), dtype=tl.float32)
+            for t in tl.static_range(4):
+                xlo = tl.load(x_ptr + g * GROUP + 4 * rj + t).to(tl.float32)
+                xhi = tl.load(x_ptr + g * GROUP + HALF + 4 * rj + t).to(tl.float32)
+                clo = (((w >> (8 * t)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+                chi = (((w >> (8 * t + 4)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+                p += (clo - 8388608.0) * xlo[None, :] + (chi - 8388608.0) * xhi[None, :]
+                xs += xlo + xhi
+            s = tl.load(s_ptr + g * N + rn, mask=nmask, other=0.0).to(tl.float32)
+            o = tl.load(m_ptr + g * N + rn, mask=nmask, other=0.0).to(tl.float32)
+            acc += tl.sum(p, axis=1) * s + tl.sum(xs, axis=0) * o
+        tl.store(y_ptr + pid_s * N + rn, acc, mask=nmask)
 
     @triton.jit
     def _dequant_kernel(qw_ptr, s_ptr, m_ptr, w_ptr, N, K, GROUP: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+                        BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr):
+        HALF: tl.constexpr = GROUP // 2
         pid_n = tl.program_id(0)
         g = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
-        rh = tl.arange(0, GROUP // 2)
-        b = tl.load(qw_ptr + rn[:, None] * (K // 2) + (g * GROUP // 2 + rh)[None, :],
+        rh = tl.arange(0, HALF)
+        b = tl.load(qw_ptr + rn[:, None] * (K // 2) + g * HALF + rh[None, :],
                     mask=nmask[:, None], other=0)
-        q = _unpack_tile(b).to(tl.float32)
-        s = tl.load(s_ptr + g * N + rn, mask=nmask, other=0).to(tl.float32)
-        m = tl.load(m_ptr + g * N + rn, mask=nmask, other=0).to(tl.float32)
-        w = q * s[:, None] + m[:, None]
-        rk = g * GROUP + tl.arange(0, GROUP)
-        tl.store(w_ptr + rn[:, None] * K + rk[None, :], w.to(w_ptr.dtype.element_ty),
+        lo, hi = _codes(b, USE_ASM)
+        s = tl.load(s_ptr + g * N + rn, mask=nmask, other=0.0).to(tl.float32)
+        o = tl.load(m_ptr + g * N + rn, mask=nmask, other=0.0).to(tl.float32)
+        if USE_ASM:
+            o = o - 128.0 * s
+        out = w_ptr + rn[:, None] * K + g * GROUP + rh[None, :]
+        dt = w_ptr.dtype.element_ty
+        tl.store(out, (lo.to(tl.float32) * s[:, None] + o[:, None]).to(dt), mask=nmask[:, None])
+        tl.store(out + HALF, (hi.to(tl.float32) * s[:, None] + o[:, None]).to(dt),
                  mask=nmask[:, None])
 
 
-def dequantize_cuda(qweight: Tensor, scales: Tensor, offsets: Tensor, group_size: int,
-                    dtype: torch.dtype) -> Tensor:
-    """Dequantize on the GPU into a new (N, K) tensor of ``dtype`` (the prefill's scratch)."""
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    w = torch.empty(n, k, device=qweight.device, dtype=dtype)
-    grid = (triton.cdiv(n, 32), k // group_size)
-    _dequant_kernel[grid](qweight, scales, offsets, w, n, k, GROUP=group_size, BLOCK_N=32,
-                          num_warps=4)
-    return w
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+_ASM_OK: dict[str, bool] = {}
 
 
-def _int4_linear_cuda(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor,
-                      group_size: int) -> Tensor:
+def _use_asm(device: torch.device) -> bool:
+    """Whether the inline-assembly code conversion runs and is right on this device.
+
+    Checked once per device against the plain conversion on random codes (and never under the
+    interpreter, which cannot run PTX). A failure logs one warning and the plain path is used.
+    """
+    if _INTERPRET or device.type != 'cuda':
+        return False
+    key = str(device)
+    if key not in _ASM_OK:
+        ok = False
+        try:
+            if torch.cuda.get_device_capability(device) >= (8, 0):
+                gen = torch.Generator(device=device).manual_seed(0)
+                qw = torch.randint(0, 256, (64, 128), device=device, generator=gen,
+                                   dtype=torch.int32).to(torch.uint8)
+                s = torch.rand(2, 64, device=device, generator=gen).half() + 0.5
+                m = torch.randn(2, 64, device=device, generator=gen).half()
+                x = torch.randn(32, 256, device=device, generator=gen).bfloat16()
+                ref = x.float() @ dequantize_torch(qw, s, m, torch.float32).T
+                outs = []
+                for asm in (True, False):
+                    y = torch.empty(32, 64, device=device, dtype=torch.float32)
+                    _mm_kernel[(1, 1, 1)](x, qw, s, m, y, 32, 64, 256, x.stride(0), 2,
+                                          GROUP=128, BLOCK_N=64, BLOCK_M=32, USE_ASM=asm,
+                                          PARTIALS=True, DOT_F32=False, num_warps=4)
+                    outs.append(float((y - ref).norm() / ref.norm()))
+                ok = outs[0] < 1e-3
+                if not ok:
+                    logger.warning('int4: the inline-assembly code conversion is wrong on %s '
+                                   '(relative error %.2e, plain path %.2e); using the plain '
+                                   'conversion', device, outs[0], outs[1])
+        except Exception as exc:  # noqa: BLE001 - a PTX the driver rejects: plain path
+            logger.warning('int4: the inline-assembly code conversion does not build on %s '
+                           '(%s); using the plain conversion', device, exc)
+        _ASM_OK[key] = ok
+    return _ASM_OK[key]
+
+
+def _fused(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, split: int,
+           block_n: int, block_m: int, warps: int, stages: int) -> Tensor:
     m, k = x2.shape
     n = qweight.shape[0]
-    y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
-    if m == 1:
-        _gemv(x2, qweight, scales, offsets, y, group_size)
-    else:
-        mode = PREFILL_MODE
-        if mode == 'auto':
-            mode = _AUTO_CHOICE.get((n, k))
-            if mode is None:
-                if torch.cuda.is_current_stream_capturing():
-                    mode = 'dequant'
-                else:
-                    mode = _AUTO_CHOICE[(n, k)] = _pick(
-                        {'fused': lambda: _mm(x2, qweight, scales, offsets, y, group_size),
-                         'dequant': lambda: F.linear(x2, dequantize_cuda(
-                             qweight, scales, offsets, group_size, x2.dtype))})
-        if mode == 'dequant':
-            return F.linear(x2, dequantize_cuda(qweight, scales, offsets, group_size, x2.dtype))
-        _mm(x2, qweight, scales, offsets, y, group_size)
+    groups = scales.shape[0]
+    per_split = -(-groups // split)
+    partials = split > 1
+    y = torch.empty((split, m, n) if partials else (m, n), device=x2.device,
+                    dtype=torch.float32 if partials else x2.dtype)
+    if partials and per_split * (split - 1) >= groups:
+        y.zero_()  # a split with no groups writes nothing
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+    _mm_kernel[grid](x2, qweight, scales, offsets, y, m, n, k, x2.stride(0), per_split,
+                     GROUP=k // groups, BLOCK_N=block_n, BLOCK_M=block_m,
+                     USE_ASM=_use_asm(x2.device), PARTIALS=partials, DOT_F32=_INTERPRET,
+                     num_warps=warps, num_stages=stages)
     return y
 
 
-def _gemv(x2, qweight, scales, offsets, y, group_size, split: int = 1) -> None:
-    """Y (split, N): split == 1 -> the product (bf16), else fp32 partial sums over K chunks."""
-    n, k = qweight.shape[0], x2.shape[1]
-    groups = k // group_size
-    chunk = -(-groups // split) * group_size
-    grid = lambda meta: (triton.cdiv(n, meta['BLOCK_N']), split)  # noqa: E731
-    _gemv_kernel[grid](x2, qweight.view(torch.int32), scales, offsets, y, n, k, chunk,
-                       GROUP=group_size)
-
-
-def gemv_split(n: int, k: int, group_size: int) -> int:
-    """How many K chunks the one-row product of an (n, k) weight runs in.
-
-    Few rows and a long K (Llama's down projection: 4096 x 11008) leave too few programs for
-    132 SMs; splitting K multiplies them, at the price of a (split, N) fp32 sum (fused into the
-    next element-wise kernel under torch.compile).
-    """
-    if n > 8192:
-        return 1
-    return max(1, min(8, k // 2048, k // group_size))
-
-
-def _mm(x2, qweight, scales, offsets, y, group_size) -> None:
-    m, k = x2.shape
+def _gemv(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, split: int,
+          block_n: int, warps: int) -> Tensor:
+    k = x2.shape[1]
     n = qweight.shape[0]
-    grid = lambda meta: (triton.cdiv(n, meta['BLOCK_N']),  # noqa: E731
-                         triton.cdiv(m, meta['BLOCK_M']))
-    _gemm_kernel[grid](x2, qweight, scales, offsets, y, m, n, k, x2.stride(0), y.stride(0),
-                 GROUP=group_size)
+    groups = scales.shape[0]
+    per_split = -(-groups // split)
+    y = torch.empty(split, n, device=x2.device, dtype=torch.float32)
+    if per_split * (split - 1) >= groups:
+        y.zero_()
+    _gemv_kernel[(triton.cdiv(n, block_n), split)](
+        x2, qweight.view(torch.int32), scales, offsets, y, n, k, per_split,
+        GROUP=k // groups, BLOCK_N=block_n, num_warps=warps)
+    return y.view(split, 1, n) if split > 1 else y.view(1, n).to(x2.dtype)
 
 
-def _pick(runs: dict) -> str:
-    """Return the name of the fastest of ``runs`` (ways to compute the same product).
+def dequantize_triton(qweight: Tensor, scales: Tensor, offsets: Tensor,
+                      dtype: torch.dtype) -> Tensor:
+    """Dequantize with the Triton kernel into a new (N, K) tensor of ``dtype``."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    w = torch.empty(n, k, device=qweight.device, dtype=dtype)
+    grid = (triton.cdiv(n, 32), scales.shape[0])
+    _dequant_kernel[grid](qweight, scales, offsets, w, n, k, GROUP=k // scales.shape[0],
+                          BLOCK_N=32, USE_ASM=_use_asm(qweight.device), num_warps=4)
+    return w
 
-    Each is warmed up (which also autotunes) and timed; called once per weight shape,
-    outside graph capture.
+
+_SMS: dict[str, int] = {}
+
+
+def split_for(m: int, n: int, k: int, device: torch.device) -> int:
+    """How many K chunks a product of m rows runs in (fixed per shape, so graphs can trace it).
+
+    Few rows and few output columns (decoding: Llama's o and down projections) leave too few
+    programs for the SMs; splitting K multiplies them, at the price of fp32 partial sums that
+    the caller adds (fused into the next element-wise kernel under torch.compile). One split
+    for the prefill and on the CPU.
     """
-    times = {}
-    for name, fn in runs.items():
-        fn()  # autotunes / warms up
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(5):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times[name] = start.elapsed_time(end)
-    return min(times, key=times.get)
+    group = group_size_for(k)
+    if device.type != 'cuda' or m > SKINNY_ROWS or group is None:
+        return 1
+    key = str(device)
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = -(-n // 64) * -(-m // 16)
+    return max(1, min(8, k // group, -(-2 * _SMS[key] // programs)))
 
 
-def prefill_mode_choices() -> dict[str, str]:
-    """What was chosen per weight shape (N x K), for benchmark records."""
-    return {f'{n}x{k}': mode for (n, k), mode in _AUTO_CHOICE.items()}
-
-
-@torch.library.custom_op('vla_ros::int4_linear', mutates_args=())
-def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor,
-                group_size: int) -> Tensor:
-    """Y = x @ W.T for int4 W (layout in the module docstring); x (..., K) bf16 on CUDA."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x.is_cuda and triton is not None:
-        y = _int4_linear_cuda(x2.contiguous(), qweight, scales, offsets, group_size)
+def candidates(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor,
+               split: int) -> dict[str, Callable[[], Tensor]]:
+    """The ways to compute this product on CUDA, by name; the first is the untimed default."""
+    m = x2.shape[0]
+    out: dict[str, Callable[[], Tensor]] = {}
+    if m <= SKINNY_ROWS:
+        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+        for bn, warps, stages in ((64, 4, 4), (128, 4, 3), (128, 8, 4), (32, 2, 4), (64, 4, 6)):
+            out[f'fused_n{bn}_m{bm}_w{warps}_s{stages}'] = functools.partial(
+                _fused, x2, qweight, scales, offsets, split, bn, bm, warps, stages)
+        if m == 1:
+            for bn, warps in ((16, 4), (32, 4), (64, 8)):
+                out[f'gemv_n{bn}_w{warps}'] = functools.partial(
+                    _gemv, x2, qweight, scales, offsets, split, bn, warps)
     else:
-        y = F.linear(x2, dequantize_torch(qweight, scales, offsets, group_size, x2.dtype))
-    return y.reshape(*shape[:-1], qweight.shape[0])
+        out['dequant_cublas'] = lambda: F.linear(
+            x2, dequantize_triton(qweight, scales, offsets, x2.dtype))
+        for bn, bm, warps, stages in ((128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4),
+                                      (128, 256, 8, 3)):
+            out[f'fused_n{bn}_m{bm}_w{warps}_s{stages}'] = functools.partial(
+                _fused, x2, qweight, scales, offsets, 1, bn, bm, warps, stages)
+    return out
 
 
-@int4_linear.register_fake
-def _int4_linear_fake(x, qweight, scales, offsets, group_size):
-    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+def int4_matmul_reference(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor,
+                          split: int) -> Tensor:
+    """What ``int4_mm`` returns, computed with torch (fp32 partials for ``split > 1``)."""
+    w = dequantize_torch(qweight, scales, offsets, torch.float32)
+    if split == 1:
+        return F.linear(x2, w.to(x2.dtype))
+    k = x2.shape[1]
+    group = k // scales.shape[0]
+    chunk = -(-(k // group) // split) * group
+    parts = [F.linear(x2.float()[:, i:i + chunk], w[:, i:i + chunk])
+             for i in range(0, chunk * split, chunk)]
+    parts += [parts[0].new_zeros(parts[0].shape)] * (split - len(parts))
+    return torch.stack(parts[:split])
 
 
-@torch.library.custom_op('vla_ros::int4_gemv_partials', mutates_args=())
-def int4_gemv_partials(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor,
-                       group_size: int, split: int) -> Tensor:
-    """Partial sums (split, N) fp32 of one row x (1, K) times int4 W.T over ``split`` K chunks."""
-    n, k = qweight.shape[0], x.shape[-1]
-    x2 = x.reshape(1, k)
+def fused_triton(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, split: int = 1,
+                 block_n: int = 64, block_m: int = 16) -> Tensor:
+    """The fused kernel with given tiles (no tuning), e.g. for ``TRITON_INTERPRET=1`` tests."""
+    return _fused(x2, qweight, scales, offsets, split, block_n, block_m, 4, 2)
+
+
+def gemv_triton(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, split: int = 1,
+                block_n: int = 16) -> Tensor:
+    """The CUDA-core GEMV (one row) with given tiles, e.g. for ``TRITON_INTERPRET=1`` tests."""
+    return _gemv(x2, qweight, scales, offsets, split, block_n, 4)
+
+
+@torch.library.custom_op('vla_ros::int4_mm', mutates_args=())
+def int4_mm(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, split: int) -> Tensor:
+    """Return ``x @ W.T`` for int4 W: (M, N) in x's dtype, or (split, M, N) fp32 partial sums.
+
+    ``split`` is ``split_for(M, N, K, device)``; the caller adds partials (``quant.linear``).
+    """
     if x.is_cuda and triton is not None:
-        y = torch.empty(split, n, device=x.device, dtype=torch.float32)
-        _gemv(x2.contiguous(), qweight, scales, offsets, y, group_size, split)
-        return y
-    w = dequantize_torch(qweight, scales, offsets, group_size, torch.float32)
-    chunk = -(-(k // group_size) // split) * group_size
-    return torch.stack([F.linear(x2.float()[:, i:i + chunk], w[:, i:i + chunk])[0]
-                        for i in range(0, chunk * split, chunk)])
+        from vla_ros.policy.cache import tuned
+
+        key = f'int4_mm:{x.shape[0]}x{x.shape[1]}->{qweight.shape[0]}/{split}'
+        return tuned(key, candidates(x.contiguous(), qweight, scales, offsets, split))()
+    return int4_matmul_reference(x, qweight, scales, offsets, split)
 
 
-@int4_gemv_partials.register_fake
-def _int4_gemv_partials_fake(x, qweight, scales, offsets, group_size, split):
-    return x.new_empty(split, qweight.shape[0], dtype=torch.float32)
+@int4_mm.register_fake
+def _int4_mm_fake(x, qweight, scales, offsets, split):
+    m, n = x.shape[0], qweight.shape[0]
+    if split > 1:
+        return x.new_empty(split, m, n, dtype=torch.float32)
+    return x.new_empty(m, n)

@@ -1,27 +1,28 @@
 """The narrow policy interface the VLA node uses: ``predict(image, instruction) -> PolicyOutput``.
 
-``OpenVLAPolicy.from_pretrained`` loads a checkpoint directory (optionally a peft LoRA adapter,
-merged or not, and a weight-only quantization from ``vla_ros.policy.quant``), selects the dataset
-statistics (``unnorm_key``, checked before any weight is read) and picks a decoder: ``'plain'`` is
-a straightforward greedy loop over the transformers Llama with its dynamic KV cache, ``'fast'``
-hands the prefix to ``vla_ros.policy.engine.DecodeEngine`` (static cache, CUDA graphs). ``predict``
-runs OpenVLA's inference contract once: resize-naive bicubic to the backbone size when needed,
+``OpenVLAPolicy.from_pretrained`` loads a checkpoint directory, streaming (optionally merging a
+peft LoRA adapter into the weights and quantizing the Llama to int4 as they arrive), after
+selecting the dataset statistics (``unnorm_key``, checked before any weight is read). One engine
+serves every device: ``vla_ros.policy.engine`` (static KV cache; on a GPU compiled and replayed
+as CUDA graphs, vision on two streams; on the CPU the same code eagerly). ``predict`` runs
+OpenVLA's inference contract once: resize-naive bicubic to the backbone size when needed,
 per-backbone normalization from ``preprocessor_config.json``, the prompt template, the trailing
 ``▁`` token (looked up in the tokenizer: 29871 for Llama-2), ``[BOS] + patches + prompt`` and
-greedy decoding of exactly ``action_dim`` tokens, constrained to the 256 action ids by default;
-the ids are de-tokenized with the tokenizer's vocabulary size and un-normalized with the selected
-``q01``/``q99``/``mask``. Timing, chunking and serving are wrappers around this class, not flags.
+greedy decoding of exactly ``action_dim`` tokens, constrained to the 256 action ids by default,
+with each token's probability and margin; the ids are de-tokenized with the tokenizer's
+vocabulary size and un-normalized with the selected ``q01``/``q99``/``mask``. ``predict_batch``
+does the same for several (image, instruction) pairs in one batched pass (one GPU serving many
+arms), validating each sample first so that one bad input fails only its own entry. Timing,
+chunking and serving are wrappers around this class, not flags.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -40,7 +41,6 @@ from vla_ros.policy.checkpoint import (
     LoadedCheckpoint,
     load_checkpoint,
     resolve_device,
-    resolve_dtype,
     space_token_id,
 )
 from vla_ros.policy.model import OpenVLA
@@ -112,105 +112,18 @@ class _Clock:
         return dict(self.laps, total=(self._last - self._start) * 1e3)
 
 
-def load_lora_adapter(model: OpenVLA, lora_path: str | os.PathLike[str],
-                      merge: bool = False) -> OpenVLA:
-    """Apply a peft LoRA adapter directory to ``model`` in place; return the model.
-
-    Adapters saved from the whole OpenVLA model (as openvla's ``finetune.py`` does: keys
-    ``base_model.model.language_model...``, ``...projector...``, ``...vision_backbone...``) are
-    applied to ``model``; adapters saved from the bare Llama (``base_model.model.model.layers...``)
-    to ``model.language_model``. ``target_modules='all-linear'`` is resolved to the modules the
-    adapter holds weights for. Every adapter tensor must load (CheckpointError naming the file
-    otherwise). ``merge=True`` folds the weights in (``merge_and_unload``); otherwise the LoRA
-    layers stay active in ``model``.
-    """
-    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
-
-    directory = Path(lora_path)
-    config_file = directory / ADAPTER_CONFIG_FILE
-    if not config_file.is_file():
-        raise CheckpointError(f'missing {ADAPTER_CONFIG_FILE} in LoRA adapter directory '
-                              f'{directory}')
-    weights_file = next((directory / n for n in ADAPTER_WEIGHTS_FILES
-                         if (directory / n).is_file()), None)
-    if weights_file is None:
-        raise CheckpointError(f'missing {ADAPTER_WEIGHTS_FILES[0]} in LoRA adapter directory '
-                              f'{directory}')
-    weights = _read_adapter_weights(weights_file)
-    prefix = 'base_model.model.'
-    inner = [k[len(prefix):] for k in weights if k.startswith(prefix)]
-    if not inner or len(inner) != len(weights):
-        raise CheckpointError(f'{weights_file}: keys must start with {prefix!r}, got '
-                              f'{sorted(weights)[:5]}')
-    if all(k.startswith(_OPENVLA_MODULE_PREFIXES) for k in inner):
-        target: torch.nn.Module = model
-    elif all(k.startswith(_LLAMA_MODULE_PREFIXES) for k in inner):
-        target = model.language_model
-    else:
-        raise CheckpointError(f'{weights_file}: keys name neither OpenVLA modules '
-                              f'({", ".join(_OPENVLA_MODULE_PREFIXES)}) nor bare Llama modules, '
-                              f'e.g. {sorted(inner)[:5]}')
-    try:
-        config = PeftConfig.from_pretrained(str(directory))
-    except Exception as exc:  # peft raises ValueError/TypeError/JSON errors for bad configs
-        raise CheckpointError(f'invalid {config_file}: {exc}') from exc
-    if getattr(config, 'peft_type', None) is None or str(config.peft_type.value) != 'LORA':
-        raise CheckpointError(f'{config_file}: peft_type {getattr(config, "peft_type", None)} is '
-                              'not LORA')
-    if getattr(config, 'target_modules', None) == 'all-linear':
-        modules = sorted({re.sub(r'\.lora_[AB](\.[^.]+)?\.weight$', '', k) for k in inner
-                          if '.lora_' in k})
-        config.target_modules = '|'.join(re.escape(m) for m in modules)
-    config.task_type = None
-    config.inference_mode = True
-    try:
-        peft_model = PeftModel(target, config, adapter_name='default',
-                               autocast_adapter_dtype=False)
-    except (ValueError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f'cannot apply LoRA adapter {directory}: {exc}') from exc
-    result = set_peft_model_state_dict(peft_model, weights, adapter_name='default')
-    unexpected = [k for k in result.unexpected_keys if 'lora_' in k]
-    missing = [k for k in result.missing_keys if 'lora_' in k]
-    if unexpected or missing:
-        raise CheckpointError(
-            f'LoRA adapter {weights_file} does not fit the model: {len(unexpected)} unexpected '
-            f'({sorted(unexpected)[:10]}), {len(missing)} missing ({sorted(missing)[:10]})')
-    peft_model.eval()
-    if merge:
-        merged = peft_model.merge_and_unload()
-        if target is not model:
-            model.language_model = merged
-        logger.info('merged LoRA adapter %s', directory)
-    else:
-        logger.info('applied LoRA adapter %s (unmerged)', directory)
-    return model
-
-
-def _read_adapter_weights(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        if file.suffix == '.safetensors':
-            from safetensors.torch import load_file
-
-            return load_file(str(file), device='cpu')
-        return torch.load(str(file), map_location='cpu', weights_only=True)
-    except Exception as exc:  # corrupt files raise library-specific errors
-        raise CheckpointError(f'corrupt LoRA adapter weights {file}: {exc}') from exc
-
-
 class OpenVLAPolicy:
     """OpenVLA behind ``predict(image, instruction) -> PolicyOutput``; build with from_pretrained.
 
     The instance is stateless between calls (``reset`` exists for the policy interface); it is
-    not thread-safe, so call it from one worker.
+    not thread-safe, so call it from one worker. The engine is built at the first prediction
+    (or ``warmup``), so ``model`` is the untouched loaded model until then.
     """
 
     def __init__(self, checkpoint: LoadedCheckpoint, *, unnorm_key: str | None = None,
-                 constrain_actions: bool = True, engine: str = 'plain',
-                 max_seq_len: int | None = None, max_instruction_chars: int = DEFAULT_MAX_CHARS,
-                 compile_step: bool = False) -> None:
+                 constrain_actions: bool = True, max_seq_len: int | None = None,
+                 max_instruction_chars: int = DEFAULT_MAX_CHARS) -> None:
         """Wrap a loaded checkpoint (see ``from_pretrained`` for the arguments)."""
-        if engine not in ENGINES:
-            raise ConfigError(f'engine must be one of {", ".join(ENGINES)}, got {engine!r}')
         self._ckpt = checkpoint
         self._model = checkpoint.model
         self._tokenizer = checkpoint.tokenizer
@@ -238,17 +151,12 @@ class OpenVLAPolicy:
             raise CheckpointError(f'action ids {first}..{last} exceed the model vocabulary '
                                   f'({padded})')
         self._device = self._model.device
-        self._logit_bias = torch.full((padded,), float('-inf'), device=self._device)
-        self._logit_bias[first:last + 1] = 0.0
         limit = int(config.get('llm_max_length', 2048))
         self._max_seq_len = int(max_seq_len) if max_seq_len is not None else limit
         if self._max_seq_len <= self._model.num_patches + self.action_dim:
             raise ConfigError(f'max_seq_len {self._max_seq_len} leaves no room for a prompt')
-        self._engine_name = engine
         self._engine: Any = None
-        self._vision: Any = self._model.project_patches
-        if engine == 'fast':
-            self._build_fast_engine(compile_step)
+        self._vision: Any = None
 
     # -- construction ----------------------------------------------------------------------
 
@@ -257,10 +165,9 @@ class OpenVLAPolicy:
                         device: torch.device | str = 'cpu',
                         dtype: torch.dtype | str | None = None, constrain_actions: bool = True,
                         lora_path: str | os.PathLike[str] | None = None,
-                        merge_lora: bool = False, quantization: str | None = None,
-                        engine: str = 'plain', keep_vision_unquantized: bool = True,
-                        max_seq_len: int | None = None, compile_step: bool = False,
-                        attn_implementation: str | None = None) -> OpenVLAPolicy:
+                        quantization: str | None = None, max_seq_len: int | None = None,
+                        progress: Callable[[str], None] | None = logger.info,
+                        ) -> OpenVLAPolicy:
         """Load a checkpoint directory and return a ready policy.
 
         Args:
@@ -271,73 +178,76 @@ class OpenVLAPolicy:
             dtype: Compute dtype (None: float32 on the CPU, bfloat16 on a GPU).
             constrain_actions: Mask every logit except the 256 action ids (the reference does
                 not; turn off for reference-equivalence checks).
-            lora_path: A peft LoRA adapter directory to apply.
-            merge_lora: Merge the adapter into the weights (required with quantization).
-            quantization: None or a ``vla_ros.policy.quant`` method ('int8', 'nf4', 'fp4',
-                'int4_fast'); the bitsandbytes ones need a CUDA device.
-            engine: 'plain' (transformers, dynamic cache) or 'fast' (``DecodeEngine``).
-            keep_vision_unquantized: Quantize only the Llama (the default) or everything.
+            lora_path: A peft LoRA adapter directory, merged into the weights as they load.
+            quantization: None (bf16 on a GPU) or 'int4' (``vla_ros.policy.quant``: the Llama
+                quantized while it streams in, about 6 GB for openvla-7b).
             max_seq_len: Longest prefix + action tokens (default ``llm_max_length``).
-            compile_step: With the fast engine, ``torch.compile`` its decode step.
-            attn_implementation: Llama attention implementation ('sdpa', 'eager', ...).
+            progress: Receives load progress lines (GB, MB/s, ETA); None: silent.
 
         Raises:
             CheckpointError, UnnormKeyError, ConfigError: see the message.
 
         """
-        if engine not in ENGINES:
-            raise ConfigError(f'engine must be one of {", ".join(ENGINES)}, got {engine!r}')
         dev = resolve_device(device)
         if quantization is not None:
-            methods = _quant_methods()
-            if quantization not in methods:
-                raise ConfigError(f'quantization must be None or one of {", ".join(methods)}, '
+            from vla_ros.policy.quant import METHODS, check_int4_device
+
+            if quantization not in METHODS:
+                raise ConfigError(f'quantization must be None or one of {", ".join(METHODS)}, '
                                   f'got {quantization!r}')
-            if dev.type != 'cuda' and quantization != 'int4_fast':
-                raise ConfigError(f'quantization {quantization!r} uses bitsandbytes, which needs '
-                                  f'a CUDA device (got {dev}); on the CPU load unquantized')
-            if lora_path is not None and not merge_lora:
-                raise ConfigError('a LoRA adapter on a quantized model must be merged first: '
-                                  'pass merge_lora=True')
+            check_int4_device(dev)
         NormStats.from_checkpoint_dir(path).select(unnorm_key)  # fail before loading weights
-        if quantization is None:
-            ckpt = load_checkpoint(path, device=dev, dtype=dtype,
-                                   attn_implementation=attn_implementation)
-        else:
-            # Load on the CPU and quantize layer by layer onto the device: the GPU never holds
-            # the whole bf16 model.
-            ckpt = load_checkpoint(path, device='cpu', dtype=resolve_dtype(dtype, dev),
-                                   attn_implementation=attn_implementation)
+        lora = None
         if lora_path is not None:
-            load_lora_adapter(ckpt.model, lora_path, merge=merge_lora)
-        if quantization is not None:
-            from vla_ros.policy.quant import quantize_model
+            from vla_ros.policy.lora import LoraAdapter
 
-            quantize_model(ckpt.model, quantization,
-                           keep_vision_unquantized=keep_vision_unquantized, device=dev)
-            ckpt.model.materialize_buffers(dev)
+            lora = LoraAdapter.read(lora_path)
+        ckpt = load_checkpoint(path, device=dev, dtype=dtype, quantization=quantization,
+                               lora=lora, progress=progress)
+        if lora is not None:
+            logger.info('merged LoRA adapter %s (%d weights)', lora.directory, len(lora))
         return cls(ckpt, unnorm_key=unnorm_key, constrain_actions=constrain_actions,
-                   engine=engine, max_seq_len=max_seq_len, compile_step=compile_step)
+                   max_seq_len=max_seq_len)
 
-    def _build_fast_engine(self, compile_step: bool) -> None:
-        try:
-            from vla_ros.policy.engine import DecodeEngine, GraphedModule
-        except ImportError as exc:
-            raise ConfigError(f"engine='fast' needs vla_ros.policy.engine ({exc}); use "
-                              "engine='plain'") from exc
+    def _ensure_engine(self) -> None:
+        if self._engine is not None:
+            return
+        from vla_ros.policy.engine import DecodeEngine, GraphedModule, vision_fn
+
         allowed = None
         if self._constrain:
-            allowed = torch.as_tensor(self._action_tokenizer.allowed_token_ids(),
-                                      device=self._device)
+            allowed = torch.as_tensor(self._action_tokenizer.allowed_token_ids())
         cuda = self._device.type == 'cuda'
-        self._engine = DecodeEngine(self._model.language_model, self._max_seq_len,
-                                    allowed_token_ids=allowed, use_cuda_graph=cuda,
-                                    compile_step=compile_step)
         if cuda:
-            example = torch.zeros(1, self._model.vision_backbone.in_channels, self._image_size,
-                                  self._image_size, device=self._device, dtype=self._model.dtype)
-            self._vision = GraphedModule(self._model.project_patches, example)
-            self._engine.warmup()
+            from vla_ros.policy import cache
+
+            cache.activate(self._ckpt.config, self._device)
+        self._engine = DecodeEngine(self._model.language_model, self._max_seq_len,
+                                    allowed_token_ids=allowed)
+        if cuda:
+            self._vision = GraphedModule(vision_fn(self._model, torch_compile=True),
+                                         fallback=vision_fn(self._model))
+        else:
+            self._vision = self._model.project_patches
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,), prompt_tokens: Sequence[int] = ()) -> None:
+        """Build the engine and, on a GPU, compile and capture it for these shapes now.
+
+        ``prompt_tokens``: prompt lengths to prepare prefill graphs for (default: every length
+        bucket of prompts of 8..64 tokens). Otherwise the first prediction of a shape does it.
+        """
+        self._ensure_engine()
+        if self._device.type != 'cuda':
+            return
+        lengths = prompt_tokens or range(8, 65)
+        buckets = sorted({self._engine.padded_length(self._model.prefix_length(n))
+                          for n in lengths})
+        pixels = torch.zeros(1, self._model.vision_backbone.in_channels, self._image_size,
+                             self._image_size, device=self._device, dtype=self._model.dtype)
+        with torch.inference_mode():
+            for b in sorted(set(batch_sizes), reverse=True):
+                self._vision(pixels.expand(b, -1, -1, -1).contiguous())
+        self._engine.warmup(buckets, batch_sizes, self.action_dim)
 
     # -- the policy interface --------------------------------------------------------------
 
@@ -397,9 +307,9 @@ class OpenVLAPolicy:
         return self._constrain
 
     @property
-    def engine(self) -> str:
-        """'plain' or 'fast'."""
-        return self._engine_name
+    def decode_engine(self) -> Any:
+        """The ``DecodeEngine`` (built at the first prediction; None before)."""
+        return self._engine
 
     def reset(self) -> None:
         """Start a new episode. OpenVLA is memoryless between calls, so this only logs."""
@@ -415,8 +325,8 @@ class OpenVLAPolicy:
             ids.append(self._space_id)
         return ids
 
-    def pixel_values(self, image: np.ndarray) -> torch.Tensor:
-        """Validate, resize (bicubic, resize-naive) and normalize ``image`` to ``(1, C, S, S)``."""
+    def _normalized_pixels(self, image: np.ndarray) -> np.ndarray:
+        """Validate, resize (bicubic, resize-naive) and normalize ``image`` to ``(C, S, S)``."""
         if not isinstance(image, np.ndarray):
             raise ImageError(f'image must be a numpy array, got {type(image).__name__}')
         if image.dtype != np.uint8:
@@ -426,8 +336,18 @@ class OpenVLAPolicy:
         size = self._image_size
         if image.shape[:2] != (size, size):
             image = resize_square(image, size, 'bicubic')
-        pixels = normalize_for_backbones(image, self._means, self._stds)
-        return torch.from_numpy(pixels)[None].to(self._device)
+        return normalize_for_backbones(image, self._means, self._stds)
+
+    def pixel_values(self, image: np.ndarray) -> torch.Tensor:
+        """Validate, resize and normalize ``image`` to ``(1, C, S, S)`` on the model's device."""
+        return torch.from_numpy(self._normalized_pixels(image))[None].to(self._device)
+
+    def _checked_prompt(self, instruction: str) -> list[int]:
+        ids = self.prompt_ids(instruction)
+        if self._model.prefix_length(len(ids)) + self.action_dim - 1 > self._max_seq_len:
+            raise InstructionError(f'the prompt is {len(ids)} tokens; with the image it exceeds '
+                                   f'the {self._max_seq_len}-token limit')
+        return ids
 
     def predict(self, image: np.ndarray, instruction: str) -> PolicyOutput:
         """Predict one action for an RGB uint8 ``image`` (224x224; others are resized).
@@ -435,57 +355,65 @@ class OpenVLAPolicy:
         Raises ImageError for a malformed image and InstructionError for an unusable or too long
         instruction.
         """
-        clock = _Clock(self._device)
-        ids = self.prompt_ids(instruction)
-        prefix_len = self._model.prefix_length(len(ids))
-        if prefix_len + self.action_dim - 1 > self._max_seq_len:
-            raise InstructionError(f'the prompt is {len(ids)} tokens; with the image it exceeds '
-                                   f'the {self._max_seq_len}-token limit')
-        pixels = self.pixel_values(image)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self._device)
-        clock.lap('preprocess')
-        with torch.inference_mode():
-            patches = self._vision(pixels.to(self._model.dtype))
-            clock.lap('vision')
-            embeds = self._model.embed_prefix(pixels, input_ids, patch_embeddings=patches)
-            if self._engine is not None:
-                tokens, probs, margins = self._engine.generate(embeds, n_tokens=self.action_dim)
-                clock.lap('llm')
-            else:
-                tokens, probs, margins = self._greedy(embeds, clock)
-            probs, margins = probs.cpu().numpy(), margins.cpu().numpy()
-        token_ids = [int(t) for t in tokens.flatten().tolist()]
-        normalized = self._action_tokenizer.decode(np.asarray(token_ids, dtype=np.int64))
-        action = unnormalize(normalized, self._stats)
-        timings = clock.total()
-        if 'prefill' in timings:
-            timings['llm'] = timings['prefill'] + timings['decode']
-        return PolicyOutput(action=action, normalized=normalized, token_ids=tuple(token_ids),
-                            token_probs=probs, token_margins=margins, timings=timings)
+        result = self.predict_batch([image], [instruction])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     __call__ = predict
 
-    # -- decoding --------------------------------------------------------------------------
+    def predict_batch(self, images: Sequence[np.ndarray], instructions: Sequence[str]
+                      ) -> list[PolicyOutput | ImageError | InstructionError]:
+        """Predict one action per (image, instruction) pair, all samples in one batched pass.
 
-    def _greedy(self, inputs_embeds: torch.Tensor,
-                clock: _Clock) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Greedy-decode ``action_dim`` tokens with the transformers Llama and its KV cache."""
-        from vla_ros.policy.engine import pick_tokens
+        Each sample is validated and preprocessed first (what ``predict`` checks); a sample
+        that fails gets its ``ImageError`` or ``InstructionError`` in its place in the result
+        and the others run without it. Vision, the prefill (each prompt at its own length, the
+        batch padded to the longest) and the decode steps run batched; decoding is constrained
+        per sample as in ``predict``. Returns a list aligned with the inputs, each entry a
+        ``PolicyOutput`` (its ``timings`` are the batch's, plus ``batch_size``) or the
+        exception of that sample. For a fixed model, sample i's tokens equal what
+        ``predict(images[i], instructions[i])`` gives, up to the floating-point effects of the
+        batch size on the GPU kernels (exactly, in fp32 on the CPU).
 
-        bias = self._logit_bias if self._constrain else None
-        logits, cache = self._model.prefill(inputs_embeds)
-        picked = [pick_tokens(logits, bias)]
-        clock.lap('prefill')
-        for _ in range(self.action_dim - 1):
-            logits, cache = self._model.decode_step(picked[-1][0], cache)
-            picked.append(pick_tokens(logits, bias))
-        clock.lap('decode')
-        return tuple(torch.cat(parts) for parts in zip(*picked, strict=True))
-
-
-def _quant_methods() -> tuple[str, ...]:
-    try:
-        from vla_ros.policy.quant import METHODS
-    except ImportError as exc:
-        raise ConfigError(f'quantization needs vla_ros.policy.quant ({exc})') from exc
-    return tuple(METHODS)
+        Raises ConfigError if the two sequences differ in length.
+        """
+        if len(images) != len(instructions):
+            raise ConfigError(f'{len(images)} images but {len(instructions)} instructions')
+        clock = _Clock(self._device)
+        results: list[PolicyOutput | ImageError | InstructionError | None] = [None] * len(images)
+        valid: list[tuple[int, list[int], np.ndarray]] = []
+        for i, (image, instruction) in enumerate(zip(images, instructions, strict=True)):
+            try:
+                valid.append((i, self._checked_prompt(instruction),
+                              self._normalized_pixels(image)))
+            except (ImageError, InstructionError) as exc:
+                results[i] = exc
+        if not valid:
+            return results  # type: ignore[return-value]
+        self._ensure_engine()
+        b = len(valid)
+        width = max(len(ids) for _, ids, _ in valid)
+        ids = torch.zeros(b, width, dtype=torch.long)
+        for row, (_, sample_ids, _) in enumerate(valid):
+            ids[row, :len(sample_ids)] = torch.tensor(sample_ids)
+        pixels = torch.from_numpy(np.stack([px for _, _, px in valid])).to(
+            self._device, self._model.dtype)
+        lengths = [self._model.prefix_length(len(sample_ids)) for _, sample_ids, _ in valid]
+        clock.lap('preprocess')
+        with torch.inference_mode():
+            patches = self._vision(pixels)
+            clock.lap('vision')
+            embeds = self._model.embed_prefix(None, ids.to(self._device),
+                                              patch_embeddings=patches)
+            decoded = self._engine.generate(embeds, lengths, n_tokens=self.action_dim)
+            tokens, probs, margins = (t.cpu().numpy() for t in decoded)
+        clock.lap('llm')
+        timings = dict(clock.total(), batch_size=float(b))
+        for row, (i, _, _) in enumerate(valid):
+            normalized = self._action_tokenizer.decode(tokens[row].astype(np.int64))
+            results[i] = PolicyOutput(
+                action=unnormalize(normalized, self._stats), normalized=normalized,
+                token_ids=tuple(int(t) for t in tokens[row]), token_probs=probs[row],
+                token_margins=margins[row], timings=timings)
+        return results  # type: ignore[return-value]

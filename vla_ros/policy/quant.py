@@ -1,477 +1,244 @@
-"""Weight-only quantization by swapping linear layers: bitsandbytes int8/NF4/FP4 and a fast int4.
+"""Weight-only int4 quantization by swapping linear layers, and the weights the engine reads.
 
-``quantize_model(model, method)`` replaces ``nn.Linear`` layers in place, one at a time, each
-quantized on the target device, so the GPU never holds the whole bf16 model (a 7B model loaded
-on the CPU and quantized to int4 peaks at its int4 size plus one layer).
+One quantized mode, ``'int4'``: group-wise asymmetric 4-bit weights (groups of 128 input
+columns, or 64/32 where K is not a multiple of 128) with fp16 scales and offsets, bf16
+activations, run by this package's Triton kernels (``int4_kernels.py``); no third-party
+quantization library. It replaces the Llama's linear layers except ``lm_head``; the vision
+backbone, the projector, the embeddings and ``lm_head`` stay in bf16 (about 3.9 GB of int4
+weights plus 2.0 GB of bf16 ones for openvla-7b). bitsandbytes NF4/int8 and PyTorch's tinygemm
+int4 layout were measured slower in the user path and removed (bench/NOTES.md).
 
-Methods:
-* ``'int8'``: bitsandbytes ``Linear8bitLt`` (LLM.int8(), outlier threshold 6.0), as the
-  reference ``load_in_8bit``.
-* ``'nf4'`` / ``'fp4'``: bitsandbytes ``Linear4bit`` with bf16 compute (the reference
-  ``load_in_4bit`` is FP4 with fp32 compute; NF4 + bf16 is the better choice).
-* ``'int4_fast'``: ``Int4Linear``: group-wise (128) asymmetric int4 weights with fp16 scales
-  and offsets, bf16 activations, run by this package's Triton kernels (``int4_kernels.py``): a
-  GEMV for decoding and a fused dequantize-GEMM for the prefill. No third-party package; a torch
-  custom op, so it is captured in CUDA graphs and passes through ``torch.compile``.
-* ``'int4_tinygemm'``: ``TinyGemmLinear``: the same quantization in the tile layout of
-  PyTorch's built-in int4 GEMM (``aten._weight_int4pack_mm``, "tinygemm", the kernel torchao's
-  int4 weight-only mode uses). Fast for decoding, but about 30x slower than bf16 for the
-  ~280-row prefill on an H100 (measured, bench/NOTES.md), so not the default.
+Two ways in: ``Int4Linear.from_weight`` quantizes one weight tensor where it lies (the streaming
+checkpoint loader calls it for each Llama projection as it arrives, on the GPU, so the bf16
+model never exists there), and ``quantize_linears`` swaps the layers of a model already in memory
+(tests, small models). LoRA adapters are merged into the bf16 weights before they are quantized.
 
-Both int4 kinds also run on the CPU (slowly; used by the tests).
-
-What is quantized: for an OpenVLA model (anything with a ``language_model``), the Llama's linear
-layers except ``lm_head``; with ``keep_vision_unquantized=False`` also the vision backbone and
-projector (layers whose shapes the method cannot take stay in bf16). For any other module, every
-linear except ``lm_head``.
-
-LoRA: merge adapters first (peft ``merge_and_unload()``), then quantize. Merging a LoRA delta
-into already-quantized weights either fails or re-rounds the weights twice.
-
-Heavy imports (bitsandbytes) are lazy; a missing library or a CPU-only machine for a
-bitsandbytes method raises ``ConfigError`` with what to do.
+For the engine: ``Dense`` and ``Int4Weight`` are the tensors of one linear layer, ``linear``
+computes with either, ``layer_weights`` reads them off a module and ``fuse_weights``
+concatenates several projections of the same input (q/k/v, gate/up) into one.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from vla_ros.core.errors import ConfigError
+from vla_ros.policy.int4_kernels import (
+    dequantize_torch,
+    group_size_for,
+    int4_mm,
+    quantize_weight,
+    split_for,
+)
 
 logger = logging.getLogger(__name__)
 
-METHODS = ('int8', 'nf4', 'fp4', 'int4_fast', 'int4_tinygemm')
-_BNB_METHODS = ('int8', 'nf4', 'fp4')
+METHODS = ('int4',)
+#: Compute capability the int4 kernels need on a GPU (bf16 tensor-core products).
+INT4_MIN_CAPABILITY = (8, 0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Fast int4 (tinygemm layout)
-# ---------------------------------------------------------------------------------------------
+class Dense(NamedTuple):
+    """A float linear layer: ``y = x @ weight.T + bias``."""
 
-def quantize_int4_groupwise(weight: Tensor,
-                            group_size: int = 128) -> tuple[Tensor, Tensor, Tensor]:
-    """Asymmetric 4-bit quantization per group of ``group_size`` input columns.
-
-    Returns (q, scale, zero): q in [0, 15] as int32 (N, K), scale and zero (N, K/group) fp32,
-    with the dequantization tinygemm uses: ``w = (q - 8) * scale + zero``.
-    """
-    n, k = weight.shape
-    w = weight.float().reshape(n, k // group_size, group_size)
-    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-    scale = (hi - lo).clamp(min=1e-8) / 15
-    q = ((w - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
-    zero = lo + 8 * scale
-    return q.reshape(n, k), scale, zero
+    weight: Tensor
+    bias: Tensor | None
 
 
-def dequantize_int4_groupwise(q: Tensor, scale: Tensor, zero: Tensor,
-                              group_size: int) -> Tensor:
-    """Inverse of ``quantize_int4_groupwise`` (fp32 weights)."""
-    n, k = q.shape
-    w = q.reshape(n, k // group_size, group_size).float() - 8
-    return (w * scale[..., None] + zero[..., None]).reshape(n, k)
+class Int4Weight(NamedTuple):
+    """An int4 linear layer in the ``int4_kernels`` layout (plus an optional bf16 bias)."""
+
+    qweight: Tensor
+    scales: Tensor
+    offsets: Tensor
+    bias: Tensor | None
 
 
-_NIBBLE_HIGH_FIRST: dict[str, bool] = {}
+LinearWeights = Dense | Int4Weight
 
 
-def _pack_cuda(q: Tensor, inner_k_tiles: int, high_first: bool) -> Tensor:
-    even, odd = q[:, ::2], q[:, 1::2]
-    byte = (even << 4 | odd) if high_first else (odd << 4 | even)
-    return torch.ops.aten._convert_weight_to_int4pack(byte.to(torch.uint8).contiguous(),
-                                                      inner_k_tiles)
+def linear(x: Tensor, w: LinearWeights) -> Tensor:
+    """``x @ W.T + b`` for float or int4 weights; x (..., K), result in x's dtype."""
+    if isinstance(w, Dense):
+        return nn.functional.linear(x, w.weight, w.bias)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+    n = w.qweight.shape[0]
+    split = split_for(x2.shape[0], n, x2.shape[1], x2.device)
+    y = int4_mm(x2, w.qweight, w.scales, w.offsets, split)
+    if split > 1:
+        y = y.sum(0)
+    if w.bias is not None:
+        y = y + w.bias
+    return y.to(x.dtype).reshape(*shape[:-1], n)
 
 
-def _cuda_nibble_order(device: torch.device) -> bool:
-    """Which nibble of the packed byte holds the even column for this PyTorch's int4 packer.
-
-    The byte layout the private aten op expects is not documented; a tiny product on the device
-    settles it once per process.
-    """
-    key = str(device)
-    if key not in _NIBBLE_HIGH_FIRST:
-        gen = torch.Generator(device='cpu').manual_seed(0)
-        w = torch.randn(64, 256, generator=gen).to(device)
-        x = torch.randn(4, 256, generator=gen).to(device, torch.bfloat16)
-        q, scale, zero = quantize_int4_groupwise(w, 128)
-        ref = x.float() @ dequantize_int4_groupwise(q, scale, zero, 128).T
-        sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        errs = {}
-        for high_first in (True, False):
-            y = torch.ops.aten._weight_int4pack_mm(x, _pack_cuda(q, 8, high_first), 128, sz)
-            errs[high_first] = float((y.float() - ref).norm() / ref.norm())
-        best = min(errs, key=errs.get)
-        if errs[best] > 2e-2:
-            raise ConfigError(f'int4_fast: this PyTorch build\'s int4 GEMM gives wrong results '
-                              f'(relative errors {errs}); use nf4 instead')
-        _NIBBLE_HIGH_FIRST[key] = best
-    return _NIBBLE_HIGH_FIRST[key]
-
-
-class TinyGemmLinear(nn.Module):
-    """A bias-optional linear with int4 group-quantized weights, bf16 activations (tinygemm).
-
-    Buffers are packed for the device type they were built on; to move the model to another
-    device type, quantize again there.
-    """
-
-    def __init__(self, in_features: int, out_features: int, packed: Tensor, scales_zeros: Tensor,
-                 bias: Tensor | None, group_size: int, inner_k_tiles: int) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.group_size, self.inner_k_tiles = group_size, inner_k_tiles
-        self.register_buffer('packed', packed)
-        self.register_buffer('scales_zeros', scales_zeros)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.packed_for = packed.device.type
-
-    @staticmethod
-    def supports(linear: nn.Linear, group_size: int = 128, inner_k_tiles: int = 8) -> bool:
-        """Whether tinygemm takes this layer's shape."""
-        k, n = linear.in_features, linear.out_features
-        return k % group_size == 0 and k % (inner_k_tiles * 16) == 0 and n % 16 == 0
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, device: torch.device | str | None = None,
-                    group_size: int = 128, inner_k_tiles: int = 8) -> TinyGemmLinear:
-        """Quantize ``linear`` on ``device`` (default: where its weight is)."""
-        device = torch.device(device) if device is not None else linear.weight.device
-        if not cls.supports(linear, group_size, inner_k_tiles):
-            raise ConfigError(f'int4_tinygemm needs in_features divisible by {group_size} and '
-                              f'{inner_k_tiles * 16} and out_features by 8, got '
-                              f'{linear.in_features}->{linear.out_features}')
-        with torch.no_grad():
-            w = linear.weight.detach().to(device)
-            q, scale, zero = quantize_int4_groupwise(w, group_size)
-            del w
-            # tinygemm wants (K/group, N, 2) bf16 with [..., 0] = scale, [..., 1] = zero
-            sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-            if device.type == 'cuda':
-                packed = _pack_cuda(q, inner_k_tiles, _cuda_nibble_order(device))
-            else:
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles)
-            bias = None
-            if linear.bias is not None:
-                bias = linear.bias.detach().to(device, torch.bfloat16)
-        return cls(linear.in_features, linear.out_features, packed, sz, bias, group_size,
-                   inner_k_tiles)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Return x W^T (+ bias) computed with the int4 weights, in bf16."""
-        if x.device.type != self.packed_for:
-            raise ConfigError(f'TinyGemmLinear was packed for {self.packed_for}, input is on '
-                              f'{x.device.type}: quantize again on the target device')
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if self.packed_for == 'cuda':
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size,
-                                                   self.scales_zeros)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
-                                                           self.scales_zeros)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
-
-    def extra_repr(self) -> str:  # noqa: D102
-        return (f'in_features={self.in_features}, out_features={self.out_features}, '
-                f'group_size={self.group_size}, bias={self.bias is not None}')
-
-
-_CONCAT_OK: dict[tuple, bool] = {}
-
-
-def _packed_concat_ok(device: torch.device, rows: tuple[int, ...], inner_k_tiles: int) -> bool:
-    """Whether packing stacked rows equals stacking packed rows, for these row counts.
-
-    The packers tile the output rows (by 8 on CUDA, by larger blocks on the CPU), so a fused
-    projection can be built from packed weights (without the float weights) when the split
-    points fall on tile boundaries; checked once per device and split on random codes.
-    """
-    key = (str(device), rows, inner_k_tiles)
-    if key not in _CONCAT_OK:
-        gen = torch.Generator(device='cpu').manual_seed(1)
-        k = inner_k_tiles * 32
-        q = torch.randint(0, 16, (sum(rows), k), generator=gen, dtype=torch.int32).to(device)
-        parts = list(q.split(list(rows), dim=0))
-        if device.type == 'cuda':
-            hf = _cuda_nibble_order(device)
-            pack = lambda t: _pack_cuda(t.contiguous(), inner_k_tiles, hf)  # noqa: E731
-        else:
-            pack = lambda t: torch.ops.aten._convert_weight_to_int4pack_for_cpu(  # noqa: E731
-                t.contiguous(), inner_k_tiles)
-        _CONCAT_OK[key] = torch.equal(pack(q), torch.cat([pack(t) for t in parts], 0))
-    return _CONCAT_OK[key]
-
-
-def _fuse_tinygemm(mods: list[TinyGemmLinear]) -> TinyGemmLinear | None:
-    """One TinyGemmLinear computing the concatenated outputs of ``mods`` (same input, no bias).
-
-    The modules' packed weights become views of the fused tensor (no extra memory for weights;
-    the small scale tables are copied). None if the modules cannot be fused.
-    """
-    first = mods[0]
-    if any(m.bias is not None or m.in_features != first.in_features
-           or m.group_size != first.group_size or m.inner_k_tiles != first.inner_k_tiles
-           or m.packed.device != first.packed.device or m.out_features % 8 for m in mods):
-        return None
-    rows = tuple(m.out_features for m in mods)
-    if not _packed_concat_ok(first.packed.device, rows, first.inner_k_tiles):
-        logger.info('int4 projections %s not fused: packed tiles do not split there', rows)
-        return None
-    packed = torch.cat([m.packed for m in mods], dim=0)
-    start = 0
-    for m in mods:
-        n = m.packed.shape[0]
-        m.packed = packed[start:start + n]
-        start += n
-    scales = torch.cat([m.scales_zeros for m in mods], dim=1).contiguous()
-    return TinyGemmLinear(first.in_features, sum(m.out_features for m in mods), packed, scales,
-                      None, first.group_size, first.inner_k_tiles)
+def check_int4_device(device: torch.device) -> None:
+    """ConfigError naming the alternatives if the int4 kernels cannot run on ``device``."""
+    if device.type != 'cuda':
+        return  # the CPU runs the torch reference (slow, for tests)
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("quantization 'int4' needs Triton (it ships with CUDA builds of "
+                          "PyTorch); install it, or load unquantized (quantization none, "
+                          'about 15.5 GB of GPU memory for openvla-7b)') from exc
+    cap = torch.cuda.get_device_capability(device)
+    if cap < INT4_MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(
+            f"quantization 'int4' needs a GPU of compute capability "
+            f'{INT4_MIN_CAPABILITY[0]}.{INT4_MIN_CAPABILITY[1]} or newer (bf16 tensor cores); '
+            f'{name} is {cap[0]}.{cap[1]}. Alternatives: quantization none (bf16, about '
+            '15.5 GB), or the CPU (device cpu, slow)')
 
 
 class Int4Linear(nn.Module):
-    """A linear with group-wise int4 weights (``int4_kernels`` layout), bf16 activations.
+    """A linear layer with group-wise int4 weights (``int4_kernels`` layout), bf16 activations."""
 
-    ``qweight`` uint8 (N, K/2), ``scales``/``offsets`` fp16 (K/group, N): w = q * scale + offset.
-    """
-
-    def __init__(self, in_features: int, out_features: int, qweight: Tensor, scales: Tensor,
-                 offsets: Tensor, bias: Tensor | None, group_size: int) -> None:
+    def __init__(self, in_features: int, out_features: int, weights: Int4Weight) -> None:
+        """Wrap packed weights (see ``from_weight``)."""
         super().__init__()
-        import vla_ros.policy.int4_kernels  # noqa: F401  (registers torch.ops.vla_ros.int4_linear)
         self.in_features, self.out_features = in_features, out_features
-        self.group_size = group_size
-        self.register_buffer('qweight', qweight)
-        self.register_buffer('scales', scales)
-        self.register_buffer('offsets', offsets)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        from vla_ros.policy.int4_kernels import gemv_split
-        self._split = gemv_split(out_features, in_features, group_size)
+        self.register_buffer('qweight', weights.qweight)
+        self.register_buffer('scales', weights.scales)
+        self.register_buffer('offsets', weights.offsets)
+        self.bias = None if weights.bias is None else nn.Parameter(weights.bias,
+                                                                   requires_grad=False)
+
+    @property
+    def group_size(self) -> int:
+        """Input columns per quantization group."""
+        return self.in_features // self.scales.shape[0]
 
     @staticmethod
-    def supports(linear: nn.Linear, group_size: int = 128) -> bool:
-        """Whether the kernels take this layer's shape (K a multiple of the group)."""
-        return linear.in_features % group_size == 0
+    def supports(in_features: int) -> bool:
+        """Whether the kernels take this many input columns (a multiple of 32)."""
+        return group_size_for(in_features) is not None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, device: torch.device | str | None = None,
-                    group_size: int = 128) -> Int4Linear:
-        """Quantize ``linear`` on ``device`` (default: where its weight is)."""
-        device = torch.device(device) if device is not None else linear.weight.device
-        if not cls.supports(linear, group_size):
-            raise ConfigError(f'int4_fast needs in_features divisible by {group_size}, got '
-                              f'{linear.in_features}')
-        from vla_ros.policy.int4_kernels import pack_int4
+    def from_weight(cls, weight: Tensor, bias: Tensor | None = None) -> Int4Linear:
+        """Quantize an (N, K) float weight where it lies (its device); the result lives there."""
+        n, k = weight.shape
+        group = group_size_for(k)
+        if group is None:
+            raise ConfigError(f"quantization 'int4' needs in_features divisible by 32, got {k}")
         with torch.no_grad():
-            w = linear.weight.detach().to(device).float()
-            n, k = w.shape
-            wg = w.reshape(n, k // group_size, group_size)
-            lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-            scale = ((hi - lo).clamp(min=1e-8) / 15).to(torch.float16)
-            offset = lo.to(torch.float16)
-            # round against the stored (fp16) scale and offset
-            q = ((wg - offset.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15)
-            qweight = pack_int4(q.reshape(n, k))
-            del w, wg, q
-            bias = None
-            if linear.bias is not None:
-                bias = linear.bias.detach().to(device, torch.bfloat16)
-        return cls(linear.in_features, linear.out_features, qweight,
-                   scale.t().contiguous(), offset.t().contiguous(), bias, group_size)
+            qweight, scales, offsets = quantize_weight(weight.detach(), group)
+            b = None if bias is None else bias.detach().to(torch.bfloat16)
+        return cls(k, n, Int4Weight(qweight, scales, offsets, b))
+
+    @property
+    def weights(self) -> Int4Weight:
+        """The tensors the kernels read."""
+        return Int4Weight(self.qweight, self.scales, self.offsets, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Return x W^T (+ bias) computed with the int4 weights, in bf16."""
-        xb = x.to(torch.bfloat16)
-        split = self._split
-        if split > 1 and x.numel() == x.shape[-1] and x.is_cuda:  # one row, split K
-            y = torch.ops.vla_ros.int4_gemv_partials(xb, self.qweight, self.scales,
-                                                     self.offsets, self.group_size, split)
-            y = y.sum(0).view(*x.shape[:-1], self.out_features)
-        else:
-            y = torch.ops.vla_ros.int4_linear(xb, self.qweight, self.scales, self.offsets,
-                                              self.group_size)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype)
+        """Return x W^T (+ bias), computed with the int4 weights in bf16."""
+        return linear(x, self.weights)
 
     def dequantize(self) -> Tensor:
         """The float weights (N, K) this layer computes with (fp32)."""
-        from vla_ros.policy.int4_kernels import dequantize_torch
-        return dequantize_torch(self.qweight, self.scales, self.offsets, self.group_size,
-                                torch.float32)
+        return dequantize_torch(self.qweight, self.scales, self.offsets, torch.float32)
 
     def extra_repr(self) -> str:  # noqa: D102
         return (f'in_features={self.in_features}, out_features={self.out_features}, '
                 f'group_size={self.group_size}, bias={self.bias is not None}')
 
 
-def _fuse_int4(mods: list[Int4Linear]) -> Int4Linear | None:
-    first = mods[0]
-    if any(m.bias is not None or m.in_features != first.in_features
-           or m.group_size != first.group_size or m.qweight.device != first.qweight.device
-           for m in mods):
-        return None
-    qweight = torch.cat([m.qweight for m in mods], dim=0)
+# ---------------------------------------------------------------------------------------------
+# The engine's view of a layer
+# ---------------------------------------------------------------------------------------------
+
+def layer_weights(module: nn.Module, name: str = '') -> LinearWeights:
+    """The tensors of a plain ``nn.Linear`` or an ``Int4Linear`` (ConfigError for others)."""
+    if type(module) is nn.Linear:
+        return Dense(module.weight, module.bias)
+    if isinstance(module, Int4Linear):
+        return module.weights
+    raise ConfigError(f'layer {name or type(module).__name__} is a {type(module).__name__}; '
+                      'the engine reads plain or int4 linear layers (LoRA adapters are merged '
+                      'on load)')
+
+
+def fuse_weights(modules: list[nn.Module], names: list[str]) -> LinearWeights:
+    """One layer computing ``cat([m(x) for m in modules], -1)`` (the same input for all).
+
+    Float weights are concatenated and each module's weight becomes a view of the result, so
+    the modules compute what they did and no memory is added; int4 codes likewise. Biases are
+    concatenated (zeros where a module has none).
+    """
+    parts = [layer_weights(m, n) for m, n in zip(modules, names, strict=True)]
+    kinds = {type(p) for p in parts}
+    if len(kinds) != 1:
+        raise ConfigError(f'{", ".join(names)} mix float and int4 weights; quantize all or none')
+    bias = None
+    if any(p.bias is not None for p in parts):
+        rows = [(p.weight if isinstance(p, Dense) else p.qweight).shape[0] for p in parts]
+        ref = next(p.bias for p in parts if p.bias is not None)
+        bias = torch.cat([p.bias if p.bias is not None else ref.new_zeros(r)
+                          for p, r in zip(parts, rows, strict=True)])
+    if isinstance(parts[0], Dense):
+        fused = torch.cat([p.weight.detach() for p in parts], dim=0)
+        start = 0
+        for m in modules:
+            rows = m.weight.shape[0]
+            m.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
+            start += rows
+        return Dense(fused, bias)
+    qweight = torch.cat([p.qweight for p in parts], dim=0)
     start = 0
-    for m in mods:  # the modules keep working, on views of the fused codes
-        n = m.qweight.shape[0]
-        m.qweight = qweight[start:start + n]
-        start += n
-    scales = torch.cat([m.scales for m in mods], dim=1).contiguous()
-    offsets = torch.cat([m.offsets for m in mods], dim=1).contiguous()
-    return Int4Linear(first.in_features, sum(m.out_features for m in mods), qweight, scales,
-                      offsets, None, first.group_size)
+    for m in modules:
+        rows = m.qweight.shape[0]
+        m.qweight = qweight[start:start + rows]
+        start += rows
+    scales = torch.cat([p.scales for p in parts], dim=1).contiguous()
+    offsets = torch.cat([p.offsets for p in parts], dim=1).contiguous()
+    return Int4Weight(qweight, scales, offsets, bias)
 
 
-def fuse_int4_linears(mods: list[nn.Module]) -> nn.Module | None:
-    """One int4 module computing ``cat([m(x) for m in mods], -1)`` (same input, no bias), or None.
+# ---------------------------------------------------------------------------------------------
+# Quantizing a model in memory
+# ---------------------------------------------------------------------------------------------
 
-    The modules' codes become views of the fused tensor, so the weights are not duplicated
-    (the small scale tables are).
+def quantizes(name: str) -> bool:
+    """Whether the layer of this (model-relative) name is quantized: Llama linears, not the head.
+
+    ``name`` is a module name of an OpenVLA model (``language_model.model.layers.3.mlp.
+    down_proj``) or of a bare Llama (``model.layers.3.mlp.down_proj``).
     """
-    if all(type(m) is Int4Linear for m in mods):
-        return _fuse_int4(mods)
-    if all(type(m) is TinyGemmLinear for m in mods):
-        return _fuse_tinygemm(mods)
-    return None
+    inner = name.removeprefix('language_model.')
+    return inner.startswith('model.layers.') and name.rsplit('.', 1)[-1].endswith('_proj')
 
 
-# ---------------------------------------------------------------------------------------------
-# bitsandbytes
-# ---------------------------------------------------------------------------------------------
+def quantize_linears(model: nn.Module, method: str = 'int4',
+                     device: torch.device | str | None = None) -> int:
+    """Swap the quantized layers of ``model`` (see ``quantizes``) for int4 ones, in place.
 
-def _import_bnb():
-    try:
-        import bitsandbytes as bnb
-    except ImportError as exc:
-        raise ConfigError('quantization int8/nf4/fp4 needs bitsandbytes: pip install '
-                          'bitsandbytes (or use quantization int4_fast, which needs none)'
-                          ) from exc
-    return bnb
-
-
-def _bnb_linear(linear: nn.Linear, method: str, device: torch.device) -> nn.Module:
-    bnb = _import_bnb()
-    w = linear.weight.detach()
-    has_bias = linear.bias is not None
-    if method == 'int8':
-        new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
-                                  has_fp16_weights=False, threshold=6.0, device='meta')
-        param = bnb.nn.Int8Params(w.to(torch.float16), requires_grad=False,
-                                  has_fp16_weights=False)
-        # Int8Params quantizes when moved from the CPU; for a weight already on the GPU the
-        # same quantization is called directly.
-        new.weight = param.to(device) if w.device.type == 'cpu' else param._quantize(device)
-    else:
-        new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
-                                compute_dtype=torch.bfloat16, quant_type=method,
-                                device='meta')
-        param = bnb.nn.Params4bit(w.to(torch.bfloat16), requires_grad=False, quant_type=method,
-                                  blocksize=64, compress_statistics=True, module=new)
-        new.weight = param.to(device)  # quantizes on the device, from CPU or GPU data
-    if has_bias:
-        new.bias = nn.Parameter(linear.bias.detach().to(device, torch.bfloat16),
-                                requires_grad=False)
-    return new
-
-
-# ---------------------------------------------------------------------------------------------
-# Public
-# ---------------------------------------------------------------------------------------------
-
-def _resolve_device(method: str, device) -> torch.device:
-    if device is not None:
-        device = torch.device(device)
-    elif torch.cuda.is_available():
-        device = torch.device('cuda', torch.cuda.current_device())
-    else:
-        device = torch.device('cpu')
-    if device.type == 'cuda' and device.index is None and torch.cuda.is_available():
-        device = torch.device('cuda', torch.cuda.current_device())
-    if method in _BNB_METHODS and device.type != 'cuda':
-        raise ConfigError(f'quantization {method!r} (bitsandbytes) runs on a CUDA GPU only; '
-                          f'on {device.type} run unquantized (fp32 on the CPU)')
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ConfigError(f'quantization {method!r} was asked for on {device} but CUDA is not '
-                          'available')
-    return device
-
-
-def quantize_linears(module: nn.Module, method: str, device=None,
-                     skip: tuple[str, ...] = ('lm_head',)) -> int:
-    """Swap every ``nn.Linear`` under ``module`` (names in ``skip`` excepted) for a quantized one.
-
-    Returns how many layers were swapped. Layers whose shape the method cannot take stay as
-    they are (logged). Each layer is quantized on ``device`` and its float weight dropped before
-    the next, so peak memory stays near the quantized size.
+    Each layer is quantized on ``device`` (default: where its weight is) and its float weight
+    dropped before the next. Returns how many layers were swapped; layers whose shape the
+    kernels cannot take stay in float (logged).
     """
     if method not in METHODS:
         raise ConfigError(f'unknown quantization {method!r}; choose one of {", ".join(METHODS)}')
-    device = _resolve_device(method, device)
-    if method in _BNB_METHODS:
-        _import_bnb()
-    targets = [(name, m) for name, m in module.named_modules()
-               if type(m) is nn.Linear and name.rsplit('.', 1)[-1] not in skip]
+    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and quantizes(n)]
     swapped = 0
-    for name, linear in targets:
-        if linear.weight.device.type == 'meta':
+    for name, lin in targets:
+        dev = torch.device(device) if device is not None else lin.weight.device
+        if lin.weight.device.type == 'meta':
             raise ConfigError(f'layer {name} is still on the meta device: load weights first')
-        if method in ('int4_fast', 'int4_tinygemm'):
-            cls = Int4Linear if method == 'int4_fast' else TinyGemmLinear
-            if not cls.supports(linear):
-                logger.info('%s: keeping %s (%d->%d) in %s', method, name, linear.in_features,
-                            linear.out_features, linear.weight.dtype)
-                continue
-            new = cls.from_linear(linear, device)
-        else:
-            new = _bnb_linear(linear, method, device)
+        if not Int4Linear.supports(lin.in_features):
+            logger.info('int4: keeping %s (%d->%d) in %s', name, lin.in_features,
+                        lin.out_features, lin.weight.dtype)
+            continue
+        new = Int4Linear.from_weight(lin.weight.detach().to(dev), lin.bias)
         parent_name, _, child = name.rpartition('.')
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, new)
-        del linear
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         swapped += 1
-    return swapped
-
-
-def quantize_model(model: nn.Module, method: str, keep_vision_unquantized: bool = True,
-                   device=None) -> nn.Module:
-    """Quantize ``model`` in place and move the rest of it to ``device``; return the model.
-
-    See the module docstring for what is swapped. ``device`` defaults to the current CUDA
-    device (the int4 methods also run on the CPU). Merge LoRA adapters before calling this.
-    """
-    if method not in METHODS:
-        raise ConfigError(f'unknown quantization {method!r}; choose one of {", ".join(METHODS)}')
-    device = _resolve_device(method, device)
-    language_model = getattr(model, 'language_model', None)
-    if language_model is None:
-        parts = [model]
-    else:
-        parts = [language_model]
-        if not keep_vision_unquantized:
-            parts += [getattr(model, n) for n in ('vision_backbone', 'projector')
-                      if getattr(model, n, None) is not None]
-    swapped = sum(quantize_linears(p, method, device) for p in parts)
     if swapped == 0:
         raise ConfigError(f'quantization {method!r} found no linear layer to quantize')
-    _move_rest(model, device)
-    logger.info('quantized %d linear layers with %s', swapped, method)
-    return model
-
-
-def _move_rest(model: nn.Module, device: torch.device) -> None:
-    """Move parameters and buffers that are not quantized state to ``device``."""
-    for mod in model.modules():
-        if isinstance(mod, (Int4Linear, TinyGemmLinear)) \
-                or type(mod).__module__.startswith('bitsandbytes'):
-            continue
-        for name, p in list(mod.named_parameters(recurse=False)):
-            if p.device != device:
-                setattr(mod, name, nn.Parameter(p.detach().to(device), requires_grad=False))
-        for name, b in list(mod.named_buffers(recurse=False)):
-            if b.device != device:
-                mod._buffers[name] = b.to(device)
+    return swapped

@@ -558,8 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError('--stage lora needs --base DIR')
         stats = json.loads((Path(opts.base) / DATASET_STATISTICS_FILE).read_text())
         model_config = json.loads((Path(opts.base) / CONFIG_FILE).read_text())
-        model = OpenVLAPolicy.from_pretrained(opts.base, device='cpu', dtype=torch.float32,
-                                              engine='plain').model
+        model = OpenVLAPolicy.from_pretrained(opts.base, device='cpu', dtype=torch.float32).model
     write_checkpoint_files(out, model_config, stats)  # the tokenizer etc. policy_for reads
     model.to(device)
     policy = policy_for(model, out, opts.unnorm_key)
