@@ -38,7 +38,7 @@ def _check_viewers(values: dict[str, str]) -> None:
             missing.append(package)
     if missing:
         raise RuntimeError(
-            f'rviz:=true needs {" and ".join(missing)}, which is not installed (apt install '
+            f'rviz:=true: {" and ".join(missing)} not installed (apt install '
             f'{" ".join("ros-$ROS_DISTRO-" + m.replace("_", "-") for m in missing)}); '
             'no node was started')
 

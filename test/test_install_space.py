@@ -262,11 +262,12 @@ def test_installed_nodes_with_the_stock_cli_qos(workspace: Workspace, domain_id:
             final = operator.statuses[-1]
             assert final.episode_id == episode.episode_id, (final, episode)
             assert any(s.state == SafetyStatus.STATE_ACTIVE for s in operator.statuses)
-            assert by_name['sim_arm_node'].wait_for_output('new episode', 5), output()
             # The camera node's latched-only subscription does not match the CLI's volatile
             # publisher, by design, and says nothing about it.
             assert 'incompatible QoS' not in by_name['camera_node'].output
-            assert operator.success and operator.success[-1], 'the simulated task failed'
+            # The simulator followed the episode too: it re-seeded the scene (task_success
+            # goes false on a reset) and the task then succeeded.
+            assert False in operator.success and operator.success[-1], operator.success
 
             # The e-stop, published the same way, latches; the publisher has exited by then.
             _cli_deliver(ESTOP_LINE, env,

@@ -44,3 +44,7 @@ def run_node(make_node: Callable[[], Node], args: list[str] | None = None, *,
         executor.shutdown(timeout_sec=1.0)
         node.destroy_node()
         rclpy.try_shutdown()
+        # Nothing is left to stop: a second Ctrl-C (a terminal signals the whole process group
+        # and ros2 launch forwards one more) must not kill the interpreter while it exits.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
