@@ -49,11 +49,6 @@ from vla_ros.nodes import qos
 from vla_ros.nodes.params import Param, declare
 from vla_ros.nodes.runtime import run_node
 
-# Old names, kept only until safety_node and sim_arm_node import vla_ros.nodes.qos themselves.
-SENSOR_QOS = qos.SENSOR_DATA
-LATCHED_QOS = qos.LATCHED
-LATEST_QOS = qos.LATEST
-
 #: Values of the ``image_transport`` parameter (image_transport's transport names).
 TRANSPORTS = ('raw', 'compressed')
 
