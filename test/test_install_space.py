@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import rclpy
-from std_msgs.msg import Bool
+from std_msgs.msg import Bool, String
 
 from vla_ros.msg import Episode, SafetyStatus
 from vla_ros.nodes import qos
@@ -203,6 +203,9 @@ class Operator:
         self.node.create_subscription(Bool, '/sim/task_success',
                                       lambda m: self._keep(self.success)(bool(m.data)),
                                       qos.LATCHED)
+        self.seeds: list[object] = []
+        self.node.create_subscription(String, '/sim/world_state', lambda m: self._keep(
+            self.seeds)(json.loads(m.data).get('seed')), 10)
         self.executor = rclpy.executors.SingleThreadedExecutor(context=ctx)
         self.executor.add_node(self.node)
         self._thread = threading.Thread(target=self.executor.spin, daemon=True)
@@ -265,9 +268,10 @@ def test_installed_nodes_with_the_stock_cli_qos(workspace: Workspace, domain_id:
             # The camera node's latched-only subscription does not match the CLI's volatile
             # publisher, by design, and says nothing about it.
             assert 'incompatible QoS' not in by_name['camera_node'].output
-            # The simulator followed the episode too: it re-seeded the scene (task_success
-            # goes false on a reset) and the task then succeeded.
-            assert False in operator.success and operator.success[-1], operator.success
+            # The simulator followed the episode too: it re-seeded the scene (its ground truth
+            # names another layout seed than at start) and the task then succeeded.
+            assert operator.seeds and operator.seeds[-1] != operator.seeds[0], operator.seeds
+            assert operator.success and operator.success[-1], operator.success
 
             # The e-stop, published the same way, latches; the publisher has exited by then.
             _cli_deliver(ESTOP_LINE, env,
