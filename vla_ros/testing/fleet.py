@@ -1,0 +1,215 @@
+"""The two-host graph of the fleet test and benchmark: robot host and inference host over DDS.
+
+``TwoHostGraph`` starts, on a :class:`vla_ros.testing.netns.Lan`, the Fast DDS discovery server
+(``fastdds discovery``) and the robot side (``vla-ros bringup --sim --arg role:=robot``: camera,
+safety and simulated arm nodes) on the robot host, the inference side (``--arg role:=inference``:
+the VLA node with the shipped checkpoint, on the CPU) on the inference host, and a recorder
+(``vla_ros.testing.probe_node record``) beside the safety node. Every process uses
+``config/fastdds_shm.xml`` (shared memory within a host, UDP between hosts) and
+``ROS_DISCOVERY_SERVER``. The checks below read the recording only, so a test and the bench
+judge a run the same way; times are ns of the system clock that all hosts share.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from vla_ros.bringup import config_dir
+from vla_ros.testing import NodeProcess, ros_env, wait_for
+from vla_ros.testing.netns import Host, Lan, stop_group
+from vla_ros.testing.probe_node import Recording
+
+#: UDP port of the discovery server (the fastdds CLI's default).
+SERVER_PORT = 11811
+#: Import torch and load the checkpoint on a busy 2-core machine.
+START_TIMEOUT = 120.0
+#: Slack for what one host sees a few ms after another (recorder vs safety node receipt).
+SLACK_NS = 50_000_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The safety node timings the checks hold the run to (from config/safety_node.yaml)."""
+
+    action_timeout: float
+    camera_timeout: float
+    output_period: float
+
+    @classmethod
+    def of(cls, safety_yaml: Path | None = None) -> Limits:
+        """The values of a safety_node parameter file (default: the shipped one)."""
+        p = _safety_params(safety_yaml or config_dir() / 'safety_node.yaml')
+        return cls(float(p['action_timeout']), float(p['camera_timeout']),
+                   1.0 / float(p['output_rate_hz']))
+
+    @property
+    def stop_bound_ns(self) -> int:
+        """After the last action arrives, the arm is still by then: action_timeout + 1 period."""
+        return int((self.action_timeout + self.output_period) * 1e9)
+
+
+def _safety_params(path: Path) -> dict:
+    return yaml.safe_load(path.read_text(encoding='utf-8'))['/**/safety_node']['ros__parameters']
+
+
+def safety_config(path: Path, **overrides: object) -> Path:
+    """Write the shipped safety_node parameters with ``overrides`` to ``path``."""
+    params = _safety_params(config_dir() / 'safety_node.yaml')
+    unknown = set(overrides) - set(params)
+    if unknown:
+        raise KeyError(f'not safety_node parameters: {sorted(unknown)}')
+    params.update(overrides)
+    path.write_text(yaml.safe_dump({'/**/safety_node': {'ros__parameters': params}}),
+                    encoding='utf-8')
+    return path
+
+
+def fleet_env(domain_id: int, server: str, **extra: str) -> dict[str, str]:
+    """Environment of every fleet process: SHM+UDP profile, the discovery server, SUBNET."""
+    return ros_env(domain_id, {
+        'ROS_AUTOMATIC_DISCOVERY_RANGE': 'SUBNET',
+        'FASTDDS_DEFAULT_PROFILES_FILE': str(config_dir() / 'fastdds_shm.xml'),
+        'ROS_DISCOVERY_SERVER': server,
+        # The fastdds CLI is a script that runs ``python3``: this interpreter's.
+        'PATH': f'{Path(sys.executable).parent}{os.pathsep}{os.environ.get("PATH", "")}',
+        **extra,
+    })
+
+
+def vla_ros(host: Host, env: dict[str, str], *args: str, timeout: float = 30.0):  # noqa: ANN201
+    """Run one ``vla-ros`` command on ``host`` (CompletedProcess)."""
+    return host.run(sys.executable, '-m', 'vla_ros.cli', *args, env=env, timeout=timeout,
+                    check=False)
+
+
+class TwoHostGraph:
+    """Robot side + discovery server + recorder on ``robot``, VLA node on ``inference``."""
+
+    def __init__(self, net: Lan, domain_id: int, record: Path, *,
+                 safety_yaml: Path | None = None, robot: str = 'robot',
+                 inference: str = 'inference') -> None:
+        self.robot, self.inference = net[robot], net[inference]
+        self.safety_yaml = safety_yaml
+        self.limits = Limits.of(safety_yaml)
+        self.server = f'{self.robot.address}:{SERVER_PORT}'
+        self.env = fleet_env(domain_id, self.server)
+        self.rec = Recording(record)
+        self._record = record
+        self.procs: list[NodeProcess] = []
+        self.discovery: NodeProcess | None = None
+
+    def __enter__(self) -> TwoHostGraph:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start everything; return when the VLA node is active and the safety node publishes."""
+        self.discovery = self.robot.spawn(
+            'fastdds', 'discovery', '-i', '0', '-l', self.robot.address,
+            '-p', str(SERVER_PORT), env=self.env, name='discovery_server')
+        assert self.discovery.wait_for_output('Server started', 30), self.discovery.output
+        bringup = ['vla_ros.cli', 'bringup', '--quiet', '--duration', '900']
+        self.robot_side = self.robot.node_process(
+            bringup[0], [*bringup[1:], '--sim', '--arg', 'role:=robot',
+                         *(('--arg', f'safety_config:={self.safety_yaml}')
+                           if self.safety_yaml else ())], env=self.env, name='robot_side')
+        self.inference_side = self.inference.node_process(
+            bringup[0], [*bringup[1:], '--arg', 'role:=inference'], env=self.env,
+            name='inference_side')
+        self.recorder = self.robot.node_process(
+            'vla_ros.testing.probe_node', ['record', '--out', str(self._record)], env=self.env,
+            name='recorder')
+        self.procs = [self.recorder, self.robot_side, self.inference_side]
+        assert self.inference_side.wait_for_output('vla node active', START_TIMEOUT), \
+            self.inference_side.output
+        assert wait_for(lambda: self.rec.update().twists, START_TIMEOUT, 0.1), \
+            self.robot_side.output
+
+    def close(self) -> None:
+        """Stop the nodes (recorder first), then the discovery server."""
+        for p in self.procs:
+            p.stop(15.0)
+        if self.discovery is not None:
+            stop_group(self.discovery)
+
+    def pids(self, side: NodeProcess) -> dict[str, int]:
+        """Node pids that a bringup runner printed when it started them."""
+        assert side.wait_for_output('[bringup] started', 30), side.output
+        line = next(x for x in side.output.splitlines() if x.startswith('[bringup] started'))
+        return {name: int(pid) for name, pid in re.findall(r'(\w+) \(pid (\d+)\)', line)}
+
+    def wait_moving(self, timeout: float = 30.0) -> bool:
+        """Wait until the arm is being moved right now (a moving twist in the last 0.1 s)."""
+        return wait_for(lambda: bool(self.rec.update().moving(time.time_ns() - 100_000_000)),
+                        timeout, 0.05)
+
+    def moving_after(self, since_ns: int, timeout: float) -> dict | None:
+        """The first moving twist stamped after ``since_ns`` (waits up to ``timeout`` s)."""
+        found: list[dict] = []
+
+        def look() -> bool:
+            found[:] = self.rec.update().moving(since_ns)[:1]
+            return bool(found)
+        return found[0] if wait_for(look, timeout, 0.1) else None
+
+
+# ------------------------------------------------------------------------------ the checks
+def stale_motion(rec: Recording, limits: Limits, start_ns: int = 0,
+                 end_ns: int | None = None) -> list[dict]:
+    """Moving twists not justified by a fresh, recent action: must be empty.
+
+    A twist at time t may move the arm only if an action had arrived by then whose camera frame
+    is at most camera_timeout old at t (never moves on an action older than its limits), and
+    the newest action arrived at most action_timeout + one output period before t (stops that
+    long after the actions stop).
+    """
+    actions = sorted(rec.actions, key=lambda a: a['t'])
+    bad = []
+    for tw in rec.moving(start_ns):
+        t = tw['s']
+        if end_ns is not None and t > end_ns:
+            break
+        seen = [a for a in actions if a['t'] <= t + SLACK_NS]
+        fresh = seen and max(a['s'] for a in seen) >= t - limits.camera_timeout * 1e9 - SLACK_NS
+        recent = seen and seen[-1]['t'] >= t - limits.stop_bound_ns - SLACK_NS
+        if not (fresh and recent):
+            bad.append(tw)
+    return bad
+
+
+def action_ages(rec: Recording, start_ns: int, end_ns: int) -> list[float]:
+    """Age [s] of each action's camera frame when it reached the robot host, in a window."""
+    return [(a['t'] - a['s']) * 1e-9 for a in rec.actions if start_ns <= a['t'] <= end_ns]
+
+
+def frame_to_twist_ms(rec: Recording, start_ns: int = 0,
+                      end_ns: int | None = None) -> Iterator[float]:
+    """Camera frame -> limited twist [ms] for every action the safety node passed.
+
+    The safety node publishes its status in the callback that publishes the limited twist; the
+    first status that reports an action's requested delta while ACTIVE dates its output.
+    """
+    statuses = sorted(rec.statuses, key=lambda s: s['s'])
+    for a in rec.actions:
+        if a['t'] < start_ns or (end_ns is not None and a['t'] > end_ns):
+            continue
+        for s in statuses:
+            if s['s'] >= a['s'] and s['req'][:6] == a['d'][:6]:
+                if s['state'] == 1:  # ACTIVE: the twist of this action went out
+                    yield (s['s'] - a['s']) * 1e-6
+                break
