@@ -5,11 +5,15 @@ list, parameter files and remappings come from ``vla_ros.bringup.node_specs`` --
 the pip-path runner (``vla-ros bringup``) starts, so the two cannot drift; as with the runner,
 one node exiting ends the whole bringup. Only the viewers are launch-only: rviz2 with
 ``config/vla.rviz`` (rviz:=true) and, for the simulated arm, a robot_state_publisher so that
-rviz2 has the robot model and TF. Both are exec_depends of the package; when one is missing
-anyway, the launch refuses before it starts any node (no half-started graph).
+rviz2 has the robot model and TF. Both are exec_depends of the package; when one of them, or
+one of this package's executables, is missing anyway, the launch refuses before it starts any
+node (no half-started graph).
 
     ros2 launch vla_ros bringup.launch.py model_path:=/models/openvla-7b unnorm_key:=bridge_orig
 """
+
+import os
+from pathlib import Path
 
 from ament_index_python.packages import PackageNotFoundError, get_package_prefix
 from launch.actions import (
@@ -25,29 +29,40 @@ from launch import LaunchDescription
 from vla_ros.bringup import LAUNCH_ARGUMENTS, PACKAGE, config_dir, node_specs, resolve_arguments
 
 
-def _check_viewers(values: dict[str, str]) -> None:
-    """Refuse (before anything starts) when a viewer the arguments ask for is not installed."""
-    wanted = []
+def _refuse_missing(values: dict[str, str]) -> None:
+    """Refuse before any node starts when an executable the arguments need is not installed.
+
+    launch_ros looks an executable up only when its Node action runs, after the actions before
+    it have started their processes; a missing one then ends the launch with those processes
+    left running. So every executable (``<prefix>/lib/<package>/<executable>``) is checked
+    first, this package's and the viewers' alike.
+    """
+    wanted = [(PACKAGE, spec.executable) for spec in node_specs(values)]
     if values['rviz'] == 'true':
-        wanted = ['rviz2'] + (['robot_state_publisher'] if values['use_sim'] == 'true' else [])
+        wanted.append(('rviz2', 'rviz2'))
+        if values['use_sim'] == 'true':
+            wanted.append(('robot_state_publisher', 'robot_state_publisher'))
     missing = []
-    for package in wanted:
+    for package, executable in wanted:
         try:
-            get_package_prefix(package)
+            path = Path(get_package_prefix(package)) / 'lib' / package / executable
         except PackageNotFoundError:
             missing.append(package)
+            continue
+        if not os.access(path, os.X_OK):
+            missing.append(f'{package}/{executable}')
     if missing:
+        hint = ' '.join(f'ros-$ROS_DISTRO-{m.replace("_", "-")}' for m in missing if '/' not in m)
         raise RuntimeError(
-            f'rviz:=true: {" and ".join(missing)} not installed (apt install '
-            f'{" ".join("ros-$ROS_DISTRO-" + m.replace("_", "-") for m in missing)}); '
-            'no node was started')
+            f'not installed: {", ".join(missing)}' + (f' (apt install {hint})' if hint else '')
+            + '; no node was started')
 
 
 def _nodes(context, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - launch's hook
     """Create the nodes once the argument values are known (launch calls this)."""
     values = resolve_arguments(
         {a.name: LaunchConfiguration(a.name).perform(context) for a in LAUNCH_ARGUMENTS})
-    _check_viewers(values)
+    _refuse_missing(values)
     namespace = values['namespace']
     actions = []
     for spec in node_specs(values):

@@ -105,30 +105,41 @@ def _load_launch_file(name: str = 'vla_ros_bringup_launch') -> types.ModuleType:
 
 
 @pytest.fixture
-def stub_launch(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """The launch file, imported against the recording stand-ins."""
+def stub_launch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> types.ModuleType:
+    """The launch file, imported against the recording stand-ins and a stand-in install."""
     known = {'LaunchConfiguration': LaunchConfiguration,
              'EnvironmentVariable': EnvironmentVariable}
     for name in ('launch', 'launch.actions', 'launch.conditions', 'launch.substitutions',
                  'launch_ros', 'launch_ros.actions'):
         monkeypatch.setitem(sys.modules, name, _stub_module(name, known))
     module = _load_launch_file()
-    module.get_package_prefix = _fake_index(INSTALLED_VIEWERS)
+    module.get_package_prefix = _fake_index(tmp_path, INSTALLED_VIEWERS | {PACKAGE})
     return module
 
 
-#: What the stand-in ament index has installed besides vla_ros (a ROS desktop install).
+#: What the stand-in install holds besides vla_ros (a ROS desktop install).
 INSTALLED_VIEWERS = {'rviz2', 'robot_state_publisher'}
 
 
-def _fake_index(installed: set[str]):  # noqa: ANN202
-    """``get_package_prefix`` of an ament index that holds only ``installed``."""
+def _fake_index(root: Path, packages: set[str], skip: str = ''):  # noqa: ANN202
+    """``get_package_prefix`` of an install under ``root`` holding ``packages`` (each with its
+    executables in ``lib/<package>/``, except ``skip``)."""
     from ament_index_python.packages import PackageNotFoundError
 
+    executables = {PACKAGE: [s.executable for s in node_specs({'use_sim': 'true'})],
+                   'rviz2': ['rviz2'], 'robot_state_publisher': ['robot_state_publisher']}
+    for package in packages:
+        for exe in executables[package]:
+            path = root / package / 'lib' / package / exe
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if exe != skip and not path.exists():
+                path.write_text('#!/bin/sh\n')
+                path.chmod(0o755)
+
     def get_package_prefix(package: str) -> str:
-        if package not in installed:
+        if package not in packages:
             raise PackageNotFoundError(f"package '{package}' not found")
-        return f'/opt/ros/kilted/{package}'
+        return str(root / package)
     return get_package_prefix
 
 
@@ -318,8 +329,9 @@ def test_rviz_only_when_requested(stub_launch: types.ModuleType, use_sim: str) -
 
 @pytest.mark.parametrize('installed', [set(), {'rviz2'}, {'robot_state_publisher'}])
 def test_missing_viewer_refuses_before_any_node_starts(stub_launch: types.ModuleType,
+                                                       tmp_path: Path,
                                                        installed: set[str]) -> None:
-    stub_launch.get_package_prefix = _fake_index(installed)
+    stub_launch.get_package_prefix = _fake_index(tmp_path / 'other', installed | {PACKAGE})
     # rviz2 alone is enough without the simulator (a real arm publishes its own model and TF).
     if 'rviz2' in installed:
         assert Launched(stub_launch, {'rviz': 'true'}).nodes()
@@ -331,6 +343,17 @@ def test_missing_viewer_refuses_before_any_node_starts(stub_launch: types.Module
         assert package in str(refused.value)
     # Without rviz:=true nothing is required.
     assert len(Launched(stub_launch, {'use_sim': 'true'}).nodes()) == 4
+
+
+def test_missing_executable_refuses_before_any_node_starts(stub_launch: types.ModuleType,
+                                                          tmp_path: Path) -> None:
+    # Real launch_ros looks up sim_arm_node only after starting the three nodes before it, then
+    # ends the launch with those left running: the launch file checks them all first.
+    stub_launch.get_package_prefix = _fake_index(tmp_path / 'broken', {PACKAGE},
+                                                 skip='sim_arm_node')
+    assert len(Launched(stub_launch, {}).nodes()) == 3
+    with pytest.raises(RuntimeError, match='vla_ros/sim_arm_node; no node was started'):
+        Launched(stub_launch, {'use_sim': 'true'})
 
 
 def test_package_xml_declares_what_the_launch_file_starts() -> None:
