@@ -164,8 +164,6 @@ def node_specs(values: Mapping[str, str] | None = None) -> list[NodeSpec]:
                         ('twist', args['servo_topic']),
                         ('gripper_command', ns_topic(ns, 'gripper_command')),
                         ('episode', ns_topic(ns, 'episode')),
-                        ('instruction', ns_topic(ns, 'instruction')),
-                        ('episode', ns_topic(ns, 'episode')),
                         ('ee_pose', '/sim/ee_pose'),
                         ('task_success', '/sim/task_success'),
                         ('world_state', '/sim/world_state')),
