@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,7 +210,8 @@ def test_twists_move_the_arm_and_it_holds_and_renders(domain_id: int) -> None:
 
         spin(1.0, (0.05, 0.0, 0.0, 0.0, 0.0, 0.0))
         x1 = poses[-1].pose.position.x
-        assert 0.03 < x1 - x0 < 0.07, f'+x twist of 0.05 m/s for 1 s moved {x1 - x0:.3f} m'
+        # A starved process loses physics time (dt is capped at 0.1 s): a loose lower bound.
+        assert 0.01 < x1 - x0 < 0.07, f'+x twist of 0.05 m/s for 1 s moved {x1 - x0:.3f} m'
 
         spin(1.0)  # no commands: after command_timeout the arm holds
         x2 = poses[-1].pose.position.x
@@ -232,3 +234,41 @@ def test_twists_move_the_arm_and_it_holds_and_renders(domain_id: int) -> None:
         assert truths[-1].gripper > 0.9 and truths[-1].gripper_width < 0.01
         node.destroy_node()
     assert proc.proc.returncode == 0, proc.output
+
+
+def _doc_topic_rows() -> list[list[str]]:
+    text = (Path(__file__).resolve().parents[1] / 'docs' / 'simulator.md').read_text()
+    section = text.split('## Topics', 1)[1].split('\n## ', 1)[0]
+    rows = [[cell.strip().strip('`') for cell in line.strip('|').split('|')]
+            for line in section.splitlines() if line.startswith('| `')]
+    assert rows, 'docs/simulator.md has no topic table'
+    return rows
+
+
+def _same_profile(a: QoSProfile, b: QoSProfile) -> bool:
+    return (a.reliability, a.durability, a.history, a.depth) == \
+        (b.reliability, b.durability, b.history, b.depth)
+
+
+def test_the_docs_topic_table_is_the_node(graph) -> None:  # noqa: ANN001
+    sim, _peer, _spin = graph
+    endpoints: dict[tuple[str, str], list] = {}
+    for pub in sim.publishers:
+        endpoints.setdefault((pub.topic_name.lstrip('/'), 'out'), []).append(pub)
+    for sub in sim.subscriptions:
+        endpoints.setdefault((sub.topic_name.lstrip('/'), 'in'), []).append(sub)
+    endpoints = {k: v for k, v in endpoints.items() if not k[0].startswith(('rosout',
+                                                                           'parameter_events'))}
+    documented = set()
+    for topic, msg_type, direction, profiles, _remap in _doc_topic_rows():
+        found = endpoints.get((topic, direction))
+        assert found, f'docs/simulator.md lists {direction} {topic}, the node has none'
+        package, name = msg_type.split('/')
+        assert {(e.msg_type.__module__.split('.')[0], e.msg_type.__name__) for e in found} == \
+            {(package, name)}, topic
+        wanted = [getattr(qos, p.strip()) for p in profiles.split('+')]
+        assert len(found) == len(wanted), topic
+        for profile in wanted:
+            assert any(_same_profile(e.qos_profile, profile) for e in found), (topic, profile)
+        documented.add((topic, direction))
+    assert documented == set(endpoints), set(endpoints) - documented

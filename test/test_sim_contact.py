@@ -290,3 +290,22 @@ def test_world_state_json_rejects_malformed_documents(kin: ArmKinematics, mutate
         from_json(bad if isinstance(bad, str) else json.dumps(bad))
     with pytest.raises(WorldStateError, match='finite'):
         from_json(json.dumps(doc).replace('"gripper": 0.0', '"gripper": NaN'))
+
+
+def test_the_step_time_benchmark_runs(tmp_path) -> None:  # noqa: ANN001
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / 'bench' / 'bench_sim.py'
+    spec = importlib.util.spec_from_file_location('bench_sim', path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / 'sim_step.json'
+    assert bench.main(['--ticks', '30', '--episodes', '1', '--json', str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report['command'].startswith('python bench/bench_sim.py')
+    results = report['results']
+    assert set(results) == {'tick_free_contact_on', 'tick_free_contact_off',
+                            'tick_pressing_table', 'node_tick_free', 'node_tick_pressing_table',
+                            'step_delta_contact_on', 'step_delta_contact_off'}
+    assert all(r['n'] > 0 and r['mean_us'] > 0 for r in results.values())

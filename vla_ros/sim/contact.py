@@ -266,8 +266,9 @@ class ArmGeometry:
         if not pin.computeCollisions(model, data, gm, gd, q, False):
             return []
         found = []
-        for k, (body, obstacle) in enumerate(self._pairs):
-            result = gd.collisionResults[k]
+        # One conversion of the results vector: indexing it pair by pair costs twice as much.
+        for (body, obstacle), result in zip(self._pairs, list(gd.collisionResults),
+                                            strict=True):
             if not result.isCollision():
                 continue
             c = result.getContact(0)
