@@ -200,13 +200,19 @@ class DecodeEngine:
             if ids.numel() < 2 or int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
                 raise ConfigError(f'allowed_token_ids must be at least 2 ids in [0, '
                                   f'{self.vocab_size}), got {ids.numel()} ids')
-            self.logit_bias = torch.full((self.vocab_size,), float('-inf'), device=self.device)
-            self.logit_bias[ids.to(self.device)] = 0.0
-        self.cos, self.sin = rope_tables(cfg, self.max_seq_len, self.device, self.dtype)
+            with torch.inference_mode():
+                self.logit_bias = torch.full((self.vocab_size,), float('-inf'),
+                                             device=self.device)
+                self.logit_bias[ids.to(self.device)] = 0.0
+        with torch.inference_mode():  # all engine buffers are inference tensors (one guard set)
+            self.cos, self.sin = rope_tables(cfg, self.max_seq_len, self.device, self.dtype)
         self._layer_fn: Callable = self._layer
         self._head_fn: Callable = self._head
         self._compiled = bool(compile) and cuda
         if self._compiled:
+            # one compiled layer per shape class: prefill/decode, batch of one or several,
+            # cache growth; leave room for them all (the default limit is 8)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._layer_fn = torch.compile(self._layer, dynamic=None)
             self._head_fn = torch.compile(self._head, dynamic=None)
         self._batch_cap = 0
@@ -453,8 +459,8 @@ class DecodeEngine:
                               f'{longest + n_tokens - 1} cache positions, more than max_seq_len='
                               f'{self.max_seq_len}; build the engine with a larger max_seq_len')
         t = self.padded_length(longest)
-        self._ensure_capacity(b, _bucket(max(t, longest + n_tokens - 1), self.prefill_bucket))
         with torch.inference_mode():
+            self._ensure_capacity(b, _bucket(max(t, longest + n_tokens - 1), self.prefill_bucket))
             buf = self._prefill_in.get((b, t))
             if buf is None:
                 buf = torch.zeros(b, t, self.hidden, device=self.device, dtype=self.dtype)

@@ -344,22 +344,26 @@ def dequantize_triton(qweight: Tensor, scales: Tensor, offsets: Tensor,
 _SMS: dict[str, int] = {}
 
 
-def split_for(m: int, n: int, k: int, device: torch.device) -> int:
-    """How many K chunks a product of m rows runs in (fixed per shape, so graphs can trace it).
+def split_for(n: int, k: int, device: torch.device) -> int:
+    """How many K chunks a skinny product (decoding: at most ``SKINNY_ROWS`` rows) runs in.
 
-    Few rows and few output columns (decoding: Llama's o and down projections) leave too few
-    programs for the SMs; splitting K multiplies them, at the price of fp32 partial sums that
-    the caller adds (fused into the next element-wise kernel under torch.compile). One split
-    for the prefill and on the CPU.
+    Few output columns and a long K (Llama's o and down projections) leave too few programs
+    for the SMs; splitting K multiplies them, at the price of fp32 partial sums that the caller
+    adds (fused into the next element-wise kernel under torch.compile). Fixed per weight shape
+    (so that compiled graphs see a constant); 1 on the CPU. Products of more rows never split.
     """
     group = group_size_for(k)
-    if device.type != 'cuda' or m > SKINNY_ROWS or group is None:
+    if device.type != 'cuda' or group is None:
         return 1
     key = str(device)
     if key not in _SMS:
         _SMS[key] = torch.cuda.get_device_properties(device).multi_processor_count
-    programs = -(-n // 64) * -(-m // 16)
-    return max(1, min(8, k // group, -(-2 * _SMS[key] // programs)))
+    return max(1, min(8, k // group, -(-2 * _SMS[key] // -(-n // 64))))
+
+
+def output_shape(m: int, n: int, split: int) -> tuple[int, ...]:
+    """Shape of ``int4_mm``'s result: fp32 partials (split, m, n) for skinny split products."""
+    return (split, m, n) if split > 1 and m <= SKINNY_ROWS else (m, n)
 
 
 def candidates(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor,
@@ -388,9 +392,9 @@ def candidates(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor,
 
 def int4_matmul_reference(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor,
                           split: int) -> Tensor:
-    """What ``int4_mm`` returns, computed with torch (fp32 partials for ``split > 1``)."""
+    """What ``int4_mm`` returns, computed with torch (fp32 partials for skinny splits)."""
     w = dequantize_torch(qweight, scales, offsets, torch.float32)
-    if split == 1:
+    if len(output_shape(x2.shape[0], w.shape[0], split)) == 2:
         return F.linear(x2, w.to(x2.dtype))
     k = x2.shape[1]
     group = k // scales.shape[0]
@@ -417,11 +421,14 @@ def gemv_triton(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, sp
 def int4_mm(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, split: int) -> Tensor:
     """Return ``x @ W.T`` for int4 W: (M, N) in x's dtype, or (split, M, N) fp32 partial sums.
 
-    ``split`` is ``split_for(M, N, K, device)``; the caller adds partials (``quant.linear``).
+    ``split`` is ``split_for(N, K, device)``, used for at most ``SKINNY_ROWS`` rows
+    (``output_shape``); the caller adds partials (``quant.linear``).
     """
     if x.is_cuda and triton is not None:
         from vla_ros.policy.cache import tuned
 
+        if len(output_shape(x.shape[0], qweight.shape[0], split)) == 2:
+            split = 1
         key = f'int4_mm:{x.shape[0]}x{x.shape[1]}->{qweight.shape[0]}/{split}'
         return tuned(key, candidates(x.contiguous(), qweight, scales, offsets, split))()
     return int4_matmul_reference(x, qweight, scales, offsets, split)
@@ -429,7 +436,5 @@ def int4_mm(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, split: 
 
 @int4_mm.register_fake
 def _int4_mm_fake(x, qweight, scales, offsets, split):
-    m, n = x.shape[0], qweight.shape[0]
-    if split > 1:
-        return x.new_empty(split, m, n, dtype=torch.float32)
-    return x.new_empty(m, n)
+    shape = output_shape(x.shape[0], qweight.shape[0], split)
+    return x.new_empty(shape, dtype=torch.float32 if len(shape) == 3 else x.dtype)

@@ -157,6 +157,7 @@ class OpenVLAPolicy:
             raise ConfigError(f'max_seq_len {self._max_seq_len} leaves no room for a prompt')
         self._engine: Any = None
         self._vision: Any = None
+        self._vision_one: Any = None
 
     # -- construction ----------------------------------------------------------------------
 
@@ -225,10 +226,12 @@ class OpenVLAPolicy:
         self._engine = DecodeEngine(self._model.language_model, self._max_seq_len,
                                     allowed_token_ids=allowed)
         if cuda:
-            self._vision = GraphedModule(vision_fn(self._model, torch_compile=True),
-                                         fallback=vision_fn(self._model))
+            # compiled for one arm; batches use the uncompiled graphs (no recompile per size)
+            self._vision = GraphedModule(vision_fn(self._model))
+            self._vision_one = GraphedModule(vision_fn(self._model, torch_compile=True),
+                                             fallback=vision_fn(self._model))
         else:
-            self._vision = self._model.project_patches
+            self._vision = self._vision_one = self._model.project_patches
 
     def warmup(self, batch_sizes: Sequence[int] = (1,), prompt_tokens: Sequence[int] = ()) -> None:
         """Build the engine and, on a GPU, compile and capture it for these shapes now.
@@ -246,7 +249,8 @@ class OpenVLAPolicy:
                              self._image_size, device=self._device, dtype=self._model.dtype)
         with torch.inference_mode():
             for b in sorted(set(batch_sizes), reverse=True):
-                self._vision(pixels.expand(b, -1, -1, -1).contiguous())
+                vision = self._vision_one if b == 1 else self._vision
+                vision(pixels.expand(b, -1, -1, -1).contiguous())
         self._engine.warmup(buckets, batch_sizes, self.action_dim)
 
     # -- the policy interface --------------------------------------------------------------
@@ -402,7 +406,7 @@ class OpenVLAPolicy:
         lengths = [self._model.prefix_length(len(sample_ids)) for _, sample_ids, _ in valid]
         clock.lap('preprocess')
         with torch.inference_mode():
-            patches = self._vision(pixels)
+            patches = (self._vision_one if b == 1 else self._vision)(pixels)
             clock.lap('vision')
             embeds = self._model.embed_prefix(None, ids.to(self._device),
                                               patch_embeddings=patches)

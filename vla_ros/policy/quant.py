@@ -50,12 +50,16 @@ class Dense(NamedTuple):
 
 
 class Int4Weight(NamedTuple):
-    """An int4 linear layer in the ``int4_kernels`` layout (plus an optional bf16 bias)."""
+    """An int4 linear layer in the ``int4_kernels`` layout (plus an optional bf16 bias).
+
+    ``split``: K chunks of its skinny products (``int4_kernels.split_for``), fixed per shape.
+    """
 
     qweight: Tensor
     scales: Tensor
     offsets: Tensor
     bias: Tensor | None
+    split: int = 1
 
 
 LinearWeights = Dense | Int4Weight
@@ -68,9 +72,8 @@ def linear(x: Tensor, w: LinearWeights) -> Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
     n = w.qweight.shape[0]
-    split = split_for(x2.shape[0], n, x2.shape[1], x2.device)
-    y = int4_mm(x2, w.qweight, w.scales, w.offsets, split)
-    if split > 1:
+    y = int4_mm(x2, w.qweight, w.scales, w.offsets, w.split)
+    if y.dim() == 3:  # fp32 partial sums over K chunks
         y = y.sum(0)
     if w.bias is not None:
         y = y + w.bias
@@ -135,7 +138,8 @@ class Int4Linear(nn.Module):
     @property
     def weights(self) -> Int4Weight:
         """The tensors the kernels read."""
-        return Int4Weight(self.qweight, self.scales, self.offsets, self.bias)
+        split = split_for(self.out_features, self.in_features, self.qweight.device)
+        return Int4Weight(self.qweight, self.scales, self.offsets, self.bias, split)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return x W^T (+ bias), computed with the int4 weights in bf16."""
@@ -198,7 +202,8 @@ def fuse_weights(modules: list[nn.Module], names: list[str]) -> LinearWeights:
         start += rows
     scales = torch.cat([p.scales for p in parts], dim=1).contiguous()
     offsets = torch.cat([p.offsets for p in parts], dim=1).contiguous()
-    return Int4Weight(qweight, scales, offsets, bias)
+    split = split_for(qweight.shape[0], 2 * qweight.shape[1], qweight.device)
+    return Int4Weight(qweight, scales, offsets, bias, split)
 
 
 # ---------------------------------------------------------------------------------------------

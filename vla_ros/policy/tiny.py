@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from vla_ros.policy.checkpoint import (
     CONFIG_FILE,
     DATASET_STATISTICS_FILE,
     PREPROCESSOR_FILE,
+    SAFETENSORS_INDEX_FILE,
     TOKENIZER_JSON_FILE,
     TOKENIZER_MODEL_FILE,
     save_weights,
@@ -238,9 +240,78 @@ def _token_entry(content: str) -> dict[str, Any]:
             'single_word': False}
 
 
-def tokenizer_files(vocab_size: int = TINY_VOCAB_SIZE) -> dict[str, bytes]:
-    """Return ``{file name: bytes}`` of the tiny tokenizer in the Llama-2 / OpenVLA layout."""
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, i
+
+
+def pad_sentencepiece(model: bytes, vocab_size: int) -> bytes:
+    """Append unreachable pieces to a serialized SentencePiece model up to ``vocab_size`` ids.
+
+    Protobuf surgery without protobuf: the ``ModelProto`` is a sequence of fields, the pieces
+    (field 1) first; new ``SentencePiece`` entries (piece, score) are inserted after the last
+    one. Each new piece is two private-use characters that no piece of the model contains, so
+    neither SentencePiece nor the converted ``tokenizer.json`` ever produces one: the
+    tokenization of any text is unchanged, only the id space grows (as Llama-2's has 32000 ids
+    with its last 256 used as action tokens).
+    """
+    fields: list[tuple[int, bytes]] = []
+    i = 0
+    while i < len(model):
+        start = i
+        tag, i = _read_varint(model, i)
+        wire = tag & 7
+        if wire == 0:
+            _, i = _read_varint(model, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            length, i = _read_varint(model, i)
+            i += length
+        else:
+            raise ConfigError(f'unexpected protobuf wire type {wire} in the SentencePiece model')
+        fields.append((tag >> 3, model[start:i]))
+    n_pieces = sum(1 for number, _ in fields if number == 1)
+    if vocab_size < n_pieces:
+        raise ConfigError(f'vocab_size {vocab_size} is smaller than the model ({n_pieces})')
+    extra = []
+    for k in range(vocab_size - n_pieces):
+        piece = (chr(0xE000 + k // 256) + chr(0xF000 + k % 256)).encode('utf-8')
+        entry = b'\x0a' + _varint(len(piece)) + piece + b'\x15' + struct.pack('<f', -1e4 - k)
+        extra.append(b'\x0a' + _varint(len(entry)) + entry)
+    last = max(j for j, (number, _) in enumerate(fields) if number == 1)
+    parts = [raw for _, raw in fields[:last + 1]] + extra + [raw for _, raw in fields[last + 1:]]
+    return b''.join(parts)
+
+
+def tokenizer_files(vocab_size: int = TINY_VOCAB_SIZE,
+                    pad_to: int | None = None) -> dict[str, bytes]:
+    """Return ``{file name: bytes}`` of the tiny tokenizer in the Llama-2 / OpenVLA layout.
+
+    ``pad_to`` (e.g. 32000) grows the id space to that size with unreachable pieces
+    (``pad_sentencepiece``), for checkpoints of the real vocabulary size.
+    """
     model = train_tiny_sentencepiece(vocab_size)
+    if pad_to is not None:
+        model = pad_sentencepiece(model, pad_to)
+        vocab_size = pad_to
     pad_id = vocab_size
     specials = {0: '<unk>', 1: '<s>', 2: '</s>', pad_id: '<PAD>'}
     config = {
@@ -372,4 +443,98 @@ def write_tiny_checkpoint(path: str | os.PathLike[str], *, seed: int = 0,
     init_tiny_weights(model, seed, round_to=dtype)
     save_weights(model, directory, n_shards=n_shards, dtype=dtype)
     logger.debug('wrote tiny OpenVLA checkpoint to %s', directory)
+    return directory
+
+
+# --------------------------------------------------------------------------------------------
+# Random-weight checkpoints of real sizes (benchmarks)
+# --------------------------------------------------------------------------------------------
+
+#: The architecture fields of openvla/openvla-7b's ``config.json`` (DESIGN section 4).
+OPENVLA_7B_FIELDS: dict[str, Any] = {
+    'timm_model_ids': list(OPENVLA_TIMM_MODEL_IDS),
+    'timm_model_kwargs': None,
+    'text_config': {'model_type': 'llama', 'vocab_size': 32064, 'pad_token_id': 32000,
+                    'hidden_size': 4096, 'intermediate_size': 11008, 'num_hidden_layers': 32,
+                    'num_attention_heads': 32, 'num_key_value_heads': 32,
+                    'max_position_embeddings': 2048, 'rms_norm_eps': 1e-6,
+                    'torch_dtype': 'bfloat16'},
+    'pad_token_id': 32000,
+}
+
+
+def openvla_7b_config(datasets: Sequence[str] = ('bridge_orig',)) -> dict[str, Any]:
+    """``config.json`` of an openvla-7b-shaped checkpoint (real fields, tiny statistics)."""
+    config = tiny_config(tiny_norm_stats(datasets), vocab_size=32000)
+    config.update({k: v for k, v in OPENVLA_7B_FIELDS.items() if v is not None})
+    config.pop('timm_model_kwargs')
+    return config
+
+
+def _random_value(name: str, shape: tuple[int, ...], device: torch.device, seed: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Name-seeded values: norms 1, biases 0, LayerScale 0.1, everything else N(0, 0.02)."""
+    import zlib
+
+    leaf = name.rsplit('.', 1)[-1]
+    if len(shape) == 1 and 'norm' in name and leaf == 'weight':
+        return torch.ones(shape, device=device, dtype=dtype)
+    if len(shape) == 1 and leaf == 'bias':
+        return torch.zeros(shape, device=device, dtype=dtype)
+    if leaf == 'scale_factor':
+        return torch.full(shape, 0.1, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(seed + zlib.crc32(name.encode()))
+    return torch.empty(shape, device=device, dtype=torch.float32).normal_(
+        0.0, 0.02, generator=gen).to(dtype)
+
+
+def write_random_checkpoint(path: str | os.PathLike[str], config: Mapping[str, Any], *,
+                            n_shards: int = 3, vocab_size: int = 32000,
+                            device: torch.device | str = 'cpu', seed: int = 0,
+                            dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write a random-weight checkpoint of ``config``'s sizes in the published layout.
+
+    Shards (``model-0000i-of-0000n.safetensors`` + index, as openvla-7b ships in 3 bf16
+    shards), the real ``config.json`` fields, ``preprocessor_config.json`` and a Llama-style
+    SentencePiece tokenizer of ``vocab_size`` ids (``tokenizer_files(pad_to=...)``) with
+    ``tokenizer.json``. Weights are generated on ``device`` one tensor at a time and written
+    shard by shard, so host memory holds one shard at most.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    files = tokenizer_files(pad_to=vocab_size)
+    files[CONFIG_FILE] = _json_bytes(dict(config))
+    files[PREPROCESSOR_FILE] = _json_bytes(preprocessor_config())
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    text = sentencepiece_to_tokenizer_json(directory / TOKENIZER_MODEL_FILE,
+                                           {'<PAD>': vocab_size})
+    (directory / TOKENIZER_JSON_FILE).write_text(text + '\n', encoding='utf-8')
+    meta = OpenVLA.from_config(config, dtype=dtype, device='meta')
+    shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    del meta
+    nbytes = {k: int(np.prod(s)) * torch.finfo(dtype).bits // 8 for k, s in shapes.items()}
+    total = sum(nbytes.values())
+    budget = -(-total // n_shards)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key in shapes:
+        if groups[-1] and size + nbytes[key] > budget and len(groups) < n_shards:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes[key]
+    weight_map = {}
+    for i, keys in enumerate(groups, start=1):
+        name = f'model-{i:05d}-of-{len(groups):05d}.safetensors'
+        tensors = {k: _random_value(k, shapes[k], device, seed, dtype).cpu() for k in keys}
+        save_file(tensors, str(directory / name), metadata={'format': 'pt'})
+        del tensors
+        weight_map.update({k: name for k in keys})
+    index = {'metadata': {'total_size': total}, 'weight_map': dict(sorted(weight_map.items()))}
+    (directory / SAFETENSORS_INDEX_FILE).write_bytes(_json_bytes(index))
+    logger.info('wrote a random checkpoint of %.2f GB to %s', total / 1e9, directory)
     return directory
