@@ -9,8 +9,8 @@ tasks, uses layout seed ``seed + k``, the numbering of ``sim_arm_node``, which r
   by an evaluator node that publishes each instruction, waits for ``/sim/task_success`` or a time
   limit, and reads ``/vla/action`` and ``/vla/safety_status``. The baselines take the VLA node's
   place in the same graph: a stand-in node answers each ``Observation`` with a ``VlaAction``
-  from the scripted expert (the block layout recomputed from the seed, the pose from
-  ``/sim/ee_pose``) or from the random policy.
+  from the scripted expert (on the simulator's ground truth ``/sim/world_state``) or from the
+  random policy.
 * ``in-process`` (quick iteration): ``World`` + the camera node's preprocessing + the policy +
   the pure ``SafetyLimiter`` with the same configuration (joint states and ticks at its output
   rate) + the world stepped by the limited twist, on a simulated clock.
@@ -43,6 +43,7 @@ from vla_ros.core.actions import gripper_closedness
 from vla_ros.core.errors import ConfigError
 from vla_ros.core.image import ImageConfig, preprocess
 from vla_ros.core.safety import SafetyConfig, SafetyLimiter, SafetyState
+from vla_ros.sim.state import WorldStateError, from_json
 from vla_ros.sim.tasks import TASKS, Task, World, WorldState, expert_action, random_action
 
 __all__ = [
@@ -290,7 +291,7 @@ def run_episode(world: World, limiter: SafetyLimiter, policy: PolicyFn, task: Ta
     ticks = max(1, round(s.output_rate_hz * s.action_period))
     dt = s.action_period / ticks
     now = t0
-    limiter.on_instruction(task.instruction, now)
+    limiter.on_episode(episode_id, task.instruction, now)
     result = EpisodeResult(policy=policy_name, task=task.name, seed=seed, success=False,
                            steps=0)
     limits: Counter[str] = Counter()
@@ -311,15 +312,16 @@ def run_episode(world: World, limiter: SafetyLimiter, policy: PolicyFn, task: Ta
         closed = gripper_closedness(float(action[6]), config.gripper_convention) \
             if math.isfinite(float(action[6])) else math.nan
         limiter.on_camera_frame(now, now)
-        limiter.on_joint_state(world.arm.q, now)
-        decision = limiter.on_action(action, closed, episode_id, now, now)
+        limiter.on_joint_state(world.arm.q, now, now)
+        decision = limiter.on_action(action, closed, episode_id, now, now,
+                                     instruction=task.instruction, frame_id=s.frame_id)
         track(decision)
         step_limits = set(decision.limits_applied)
         if decision.gripper is not None:
             world.set_gripper(decision.gripper)
         for k in range(ticks):
             if k:
-                limiter.on_joint_state(world.arm.q, now)
+                limiter.on_joint_state(world.arm.q, now, now)
                 decision = limiter.tick(now)
                 track(decision)
                 step_limits.update(decision.limits_applied)
@@ -383,7 +385,6 @@ class _GraphEvaluator:
     def __init__(self, context: Any, namespace: str, stand_in: str | None,
                  config: EvalConfig) -> None:
         import rclpy
-        from geometry_msgs.msg import PoseStamped
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
         from std_msgs.msg import Bool, String
 
@@ -401,19 +402,16 @@ class _GraphEvaluator:
         self.success_msgs: list[tuple[float, bool]] = []
         self.actions: list[tuple[float, Any]] = []
         self.statuses: list[tuple[float, Any]] = []
-        self.pose: Any = None
         self.instr_pub = self.node.create_publisher(String, f'{ns}/instruction',
                                                   qos.LATCHED)
         self.node.create_subscription(Bool, '/sim/task_success', self._on_success, keep_all)
         self.node.create_subscription(SafetyStatus, f'{ns}/safety_status',
                                       lambda m: self._keep(self.statuses, m), keep_all)
-        self.node.create_subscription(PoseStamped, '/sim/ee_pose', self._on_pose, 10)
-        self.world_state: dict[str, Any] | None = None
+        self.world_state: WorldState | None = None
         self.node.create_subscription(String, '/sim/world_state', self._on_world_state, 10)
         self.stand_in = stand_in
         self.config = config
         self._seeds: dict[int, tuple[Task, int]] = {}
-        self._world = World()
         self._rng = np.random.default_rng(config.random_seed)
         if stand_in is None:
             self.node.create_subscription(VlaAction, f'{ns}/action',
@@ -442,11 +440,11 @@ class _GraphEvaluator:
     def _on_success(self, msg: Any) -> None:
         self._keep(self.success_msgs, bool(msg.data))
 
-    def _on_pose(self, msg: Any) -> None:
-        self.pose = msg
-
     def _on_world_state(self, msg: Any) -> None:
-        self.world_state = json.loads(msg.data)
+        try:
+            self.world_state = from_json(msg.data)
+        except WorldStateError as exc:
+            logger.warning('world state ignored: %s', exc)
 
     def expect(self, episode_id: int, task: Task, seed: int) -> None:
         """Tell the stand-in expert which layout episode ``episode_id`` shows."""
@@ -455,25 +453,16 @@ class _GraphEvaluator:
     def _expert_state(self, episode_id: int) -> tuple[Task, WorldState] | None:
         """Return the expert's view of the world, or None while it is not this episode's.
 
-        The pose comes from ``/sim/ee_pose``, the rest from the simulator's ground truth
-        ``/sim/world_state`` (blocks, held block, gripper) once it shows this episode's seed.
+        The simulator's ground truth ``/sim/world_state`` (tool pose, blocks, held block,
+        gripper of the newest camera frame), once it shows this episode's seed.
         """
-        import pinocchio as pin
-
         truth = self.world_state
-        if episode_id not in self._seeds or self.pose is None or truth is None:
+        if episode_id not in self._seeds or truth is None:
             return None
         task, seed = self._seeds[episode_id]
-        if truth['seed'] != seed:
+        if truth.seed != seed:
             return None
-        p, q = self.pose.pose.position, self.pose.pose.orientation
-        rotation = pin.Quaternion(q.w, q.x, q.y, q.z).toRotationMatrix()
-        state = dataclasses.replace(
-            self._world.state(), tcp_position=np.array([p.x, p.y, p.z]),
-            tcp_rotation=np.array(rotation), held=truth['held'],
-            gripper=float(truth['gripper']), gripper_width=float(truth['gripper_width']),
-            blocks={k: np.asarray(v, dtype=float) for k, v in truth['blocks'].items()})
-        return task, state
+        return task, truth
 
     def _on_observation(self, obs: Any) -> None:
         start = time.perf_counter()
@@ -486,6 +475,7 @@ class _GraphEvaluator:
             action = random_action(self._rng)
         msg = self._VlaAction()
         msg.header = obs.header
+        msg.header.frame_id = self.config.safety.frame_id  # the delta's frame, as vla_node does
         msg.episode_id = obs.episode_id
         msg.delta = np.asarray(action, dtype=np.float64)
         msg.inference_ms = float((time.perf_counter() - start) * 1e3)
@@ -699,7 +689,7 @@ def _wait_ready(ev: _GraphEvaluator, graph: _Graph, policy: str, timeout: float)
         vla_ready = policy != 'vla' or 'vla node active' in graph.output('vla_node')
         # The camera node reads the instruction on two subscriptions (volatile, latched).
         if (ev.instr_pub.get_subscription_count() >= 2 and vla_ready and ev.statuses
-                and ev.pose is not None and ev.success_msgs):
+                and ev.world_state is not None and ev.success_msgs):
             return
         time.sleep(0.1)
     raise RuntimeError(f'the graph did not come up within {timeout:.0f} s:\n'
