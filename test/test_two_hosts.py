@@ -67,9 +67,24 @@ def _fastdds_segments(pid: int) -> set[str]:
 
 
 def _segment_size() -> int:
-    sizes = [int(e.text) for e in ET.parse(config_dir() / 'fastdds_shm.xml').iter()
+    sizes = [int(e.text) for e in ET.parse(config_dir() / 'fastdds_fleet.xml').iter()
              if e.tag.endswith('segment_size')]
     return sizes[0]
+
+
+def _transports(name: str) -> list[tuple[str, str]]:
+    """(tag, text) of every element of a profile's transport descriptors."""
+    tree = ET.parse(config_dir() / name)
+    descriptors = next(e for e in tree.iter() if e.tag.endswith('transport_descriptors'))
+    return [(e.tag, (e.text or '').strip()) for e in descriptors.iter()]
+
+
+def test_fleet_profiles_share_their_transports() -> None:
+    fleet = _transports('fastdds_fleet.xml')
+    assert fleet == _transports('fastdds_peers.xml')
+    # One Ethernet frame per RTPS message over UDP; shared memory within a host.
+    assert ('{http://www.eprosima.com}maxMessageSize', '1400') in fleet
+    assert ('{http://www.eprosima.com}type', 'SHM') in fleet
 
 
 def _rogue_reset(host, env: dict[str, str]) -> subprocess.Popen:  # noqa: ANN001
@@ -260,13 +275,16 @@ def test_peers_profile_keeps_multicast_strangers_out(domain_id: int, tmp_path: P
         on_robot = env(_peers_profile(tmp_path, 'robot', inference.address))
         pong = robot.node_process('vla_ros.testing.pingpong_node',
                                   ['pong', '--image-qos', 'reliable'], env=on_robot)
+        # The strangers use the fleet profile's transports (a 150 KB observation in datagrams
+        # larger than the robot's maxMessageSize would not be received) and ROS discovery.
         # One at a time: a stranger that gets matched advertises its multicast locators to the
         # robot, whose announcements then reach the strangers that listen there too.
+        fleet = config_dir() / 'fastdds_fleet.xml'
         pings = [
             (inference, env(_peers_profile(tmp_path, 'inference', robot.address)), 20),
             (robot, on_robot, 20),  # another node of the robot host, found on 127.0.0.1
-            (rogue, env(None, ROS_AUTOMATIC_DISCOVERY_RANGE='SUBNET'), 8),
-            (rogue, env(None, ROS_AUTOMATIC_DISCOVERY_RANGE='SUBNET',
+            (rogue, env(fleet, ROS_AUTOMATIC_DISCOVERY_RANGE='SUBNET'), 8),
+            (rogue, env(fleet, ROS_AUTOMATIC_DISCOVERY_RANGE='SUBNET',
                         ROS_STATIC_PEERS=robot.address), 20),
         ]
         echoed = []
@@ -276,7 +294,8 @@ def test_peers_profile_keeps_multicast_strangers_out(domain_id: int, tmp_path: P
                 with node_processes(ping):
                     ping.proc.wait(timeout + 30)
                 echoed.append('echoes observation' in ping.output)
-                assert echoed[-1] or 'no pong peer matched' in ping.output, ping.output
+                assert echoed[-1] or 'no pong peer matched' in ping.output, (
+                    host.name, ping.proc.returncode, ping.output)
         # The listed peer and the robot's own nodes: yes. A stranger with ROS defaults: no.
         # A stranger that announces itself to the robot's address: yes -- not access control.
         assert echoed == [True, True, False, True]

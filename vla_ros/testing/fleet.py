@@ -5,13 +5,14 @@
 safety and simulated arm nodes) on the robot host, the inference side (``--arg role:=inference``:
 the VLA node with the shipped checkpoint, on the CPU) on the inference host, and a recorder
 (``vla_ros.testing.probe_node record``) beside the safety node. Every process uses
-``config/fastdds_shm.xml`` (shared memory within a host, UDP between hosts) and
+``config/fastdds_fleet.xml`` (shared memory within a host, UDP between hosts) and
 ``ROS_DISCOVERY_SERVER``. The checks below read the recording only, so a test and the bench
 judge a run the same way; times are ns of the system clock that all hosts share.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 import sys
@@ -72,11 +73,12 @@ def safety_config(path: Path, **overrides: object) -> Path:
     return path
 
 
-def fleet_env(domain_id: int, server: str, **extra: str) -> dict[str, str]:
-    """Environment of every fleet process: SHM+UDP profile, the discovery server, SUBNET."""
+def fleet_env(domain_id: int, server: str, profile: Path | None = None,
+              **extra: str) -> dict[str, str]:
+    """Environment of every fleet process: the fleet profile, the discovery server, SUBNET."""
     return ros_env(domain_id, {
         'ROS_AUTOMATIC_DISCOVERY_RANGE': 'SUBNET',
-        'FASTDDS_DEFAULT_PROFILES_FILE': str(config_dir() / 'fastdds_shm.xml'),
+        'FASTDDS_DEFAULT_PROFILES_FILE': str(profile or config_dir() / 'fastdds_fleet.xml'),
         'ROS_DISCOVERY_SERVER': server,
         # The fastdds CLI is a script that runs ``python3``: this interpreter's.
         'PATH': f'{Path(sys.executable).parent}{os.pathsep}{os.environ.get("PATH", "")}',
@@ -94,13 +96,13 @@ class TwoHostGraph:
     """Robot side + discovery server + recorder on ``robot``, VLA node on ``inference``."""
 
     def __init__(self, net: Lan, domain_id: int, record: Path, *,
-                 safety_yaml: Path | None = None, robot: str = 'robot',
-                 inference: str = 'inference') -> None:
+                 safety_yaml: Path | None = None, profile: Path | None = None,
+                 robot: str = 'robot', inference: str = 'inference') -> None:
         self.robot, self.inference = net[robot], net[inference]
         self.safety_yaml = safety_yaml
         self.limits = Limits.of(safety_yaml)
         self.server = f'{self.robot.address}:{SERVER_PORT}'
-        self.env = fleet_env(domain_id, self.server)
+        self.env = fleet_env(domain_id, self.server, profile)
         self.rec = Recording(record)
         self._record = record
         self.procs: list[NodeProcess] = []
@@ -176,17 +178,37 @@ def stale_motion(rec: Recording, limits: Limits, start_ns: int = 0,
     A twist at time t may move the arm only if an action had arrived by then whose camera frame
     is at most camera_timeout old at t (never moves on an action older than its limits), and
     the newest action arrived at most action_timeout + one output period before t (stops that
-    long after the actions stop).
+    long after the actions stop). Actions are those the recorder received by t; under packet
+    loss the recorder, a reader of its own, may get an action later than the safety node or
+    not at all, so the newest frame stamp and receipt the safety node reports (its status ages)
+    count too -- but only when that stamp is one of a camera frame the recorder saw on the
+    robot host (frames travel there in shared memory, without loss).
     """
     actions = sorted(rec.actions, key=lambda a: a['t'])
+    receipts = [a['t'] for a in actions]
+    stamps = sorted(f['s'] for f in rec.frames)
+    statuses = sorted(rec.statuses, key=lambda x: x['s'])
+    status_times = [x['s'] for x in statuses]
     bad = []
     for tw in rec.moving(start_ns):
         t = tw['s']
         if end_ns is not None and t > end_ns:
             break
-        seen = [a for a in actions if a['t'] <= t + SLACK_NS]
-        fresh = seen and max(a['s'] for a in seen) >= t - limits.camera_timeout * 1e9 - SLACK_NS
-        recent = seen and seen[-1]['t'] >= t - limits.stop_bound_ns - SLACK_NS
+        n = bisect.bisect_right(receipts, t + SLACK_NS)
+        newest_stamp = max((a['s'] for a in actions[:n]), default=-1)
+        newest_receipt = receipts[n - 1] if n else -1
+        k = bisect.bisect_right(status_times, t + 1_000_000)
+        if k:
+            held = statuses[k - 1]
+            if held['camera_age'] >= 0 and held['action_age'] >= 0:
+                stamp = held['s'] - int(held['camera_age'] * 1e9)
+                i = bisect.bisect_left(stamps, stamp - 5_000_000)
+                if i < len(stamps) and stamps[i] <= stamp + 5_000_000:  # a real frame's
+                    newest_stamp = max(newest_stamp, stamp)
+                    newest_receipt = max(newest_receipt,
+                                         held['s'] - int(held['action_age'] * 1e9))
+        fresh = newest_stamp >= t - limits.camera_timeout * 1e9 - SLACK_NS
+        recent = newest_receipt >= t - limits.stop_bound_ns - SLACK_NS
         if not (fresh and recent):
             bad.append(tw)
     return bad
@@ -202,14 +224,20 @@ def frame_to_twist_ms(rec: Recording, start_ns: int = 0,
     """Camera frame -> limited twist [ms] for every action the safety node passed.
 
     The safety node publishes its status in the callback that publishes the limited twist; the
-    first status that reports an action's requested delta while ACTIVE dates its output.
+    first status that reports an action's requested delta, published around the time the
+    recorder received the action (policy outputs repeat, so the value alone is ambiguous), dates
+    its output if it says ACTIVE.
     """
     statuses = sorted(rec.statuses, key=lambda s: s['s'])
     for a in rec.actions:
         if a['t'] < start_ns or (end_ns is not None and a['t'] > end_ns):
             continue
         for s in statuses:
-            if s['s'] >= a['s'] and s['req'][:6] == a['d'][:6]:
+            if s['s'] < a['t'] - SLACK_NS:
+                continue
+            if s['s'] > a['t'] + 2 * SLACK_NS:
+                break
+            if s['req'][:6] == a['d'][:6]:
                 if s['state'] == 1:  # ACTIVE: the twist of this action went out
                     yield (s['s'] - a['s']) * 1e-6
                 break

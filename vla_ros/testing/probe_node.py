@@ -1,9 +1,10 @@
 """Probe nodes for fleet tests: a recorder of what reaches the arm, and an action injector.
 
-``record`` subscribes to the limited twist, the actions and the safety status of one namespace
-and appends one JSON line per message to ``--out`` (``k`` kind, ``t`` receipt and ``s`` header
-stamp in ns of the system clock, which every host of a namespaced test shares), so a test can
-check, message by message, what moved the arm and on which action. ``inject`` is a second,
+``record`` subscribes to the limited twist, the actions, the safety status and the camera
+frames (stamps only) of one namespace and appends one JSON line per message to ``--out`` (``k``
+kind, ``t`` receipt and ``s`` header stamp in ns of the system clock, which every host of a
+namespaced test shares), so a test can check, message by message, what moved the arm and on
+which action. ``inject`` is a second,
 unauthorised action publisher (a stand-in for a rogue participant): it follows the latched
 episode like the VLA node does, publishes a fixed delta stamped now at ``--rate`` and reports
 whether the safety node's action subscription matched it. :class:`Recording` reads a record
@@ -32,9 +33,10 @@ def _stamp_ns(header) -> int:  # noqa: ANN001 - std_msgs/Header
     return header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
 
 
-def record(namespace: str, twist_topic: str, out: Path) -> None:
-    """Append every twist, action and safety status to ``out`` until SIGINT/SIGTERM."""
+def record(namespace: str, twist_topic: str, camera_topic: str, out: Path) -> None:
+    """Append every twist, action, safety status and frame stamp to ``out`` until a signal."""
     from geometry_msgs.msg import TwistStamped
+    from sensor_msgs.msg import Image
 
     from vla_ros.bringup import ns_topic
     from vla_ros.msg import SafetyStatus, VlaAction
@@ -64,7 +66,11 @@ def record(namespace: str, twist_topic: str, out: Path) -> None:
                    'reason': m.reason, 'req': [float(x) for x in m.requested],
                    'camera_age': float(m.camera_age), 'action_age': float(m.action_age)})
 
+        def on_frame(m: Image) -> None:
+            write({'k': 'frame', 's': _stamp_ns(m.header)})
+
         deep = qos.COMMAND  # reliable, a queue: keep every message of a burst
+        node.create_subscription(Image, camera_topic, on_frame, qos.SENSOR_DATA)
         node.create_subscription(TwistStamped, twist_topic, on_twist, deep)
         node.create_subscription(VlaAction, ns_topic(namespace, 'action'), on_action, deep)
         node.create_subscription(SafetyStatus, ns_topic(namespace, 'safety_status'), on_status,
@@ -140,6 +146,7 @@ class Recording:
     twists: list[dict] = field(default_factory=list)
     actions: list[dict] = field(default_factory=list)
     statuses: list[dict] = field(default_factory=list)
+    frames: list[dict] = field(default_factory=list)
     _offset: int = 0
 
     def update(self) -> Recording:
@@ -153,8 +160,8 @@ class Recording:
         self._offset += end
         for line in data[:end].splitlines():
             item = json.loads(line)
-            {'twist': self.twists, 'action': self.actions,
-             'status': self.statuses}[item['k']].append(item)
+            {'twist': self.twists, 'action': self.actions, 'status': self.statuses,
+             'frame': self.frames}[item['k']].append(item)
         return self
 
     def moving(self, since_ns: int = 0) -> list[dict]:
@@ -169,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = sub.add_parser('record', help='record twists, actions and statuses as JSON lines')
     r.add_argument('--out', required=True, type=Path)
     r.add_argument('--twist-topic', dest='twist_topic', default='/servo_node/delta_twist_cmds')
+    r.add_argument('--camera-topic', dest='camera_topic', default='/camera/image_raw')
     i = sub.add_parser('inject', help='publish a fixed action in the current episode')
     i.add_argument('--delta', default='0,0,0,0,0,0,1', help='7 comma-separated numbers')
     i.add_argument('--rate', type=float, default=10.0)
@@ -177,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument('--namespace', default='vla')
     opts = parser.parse_args(argv)
     if opts.command == 'record':
-        record(opts.namespace, opts.twist_topic, opts.out)
+        record(opts.namespace, opts.twist_topic, opts.camera_topic, opts.out)
     else:
         delta = [float(x) for x in opts.delta.split(',')]
         if len(delta) != 7:

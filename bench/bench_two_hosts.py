@@ -1,0 +1,185 @@
+"""Robot host and inference host over DDS: end-to-end latency across the link, and link faults.
+
+The graph of ``test/test_two_hosts.py`` (``vla_ros.testing.fleet.TwoHostGraph``: discovery
+server, ``vla-ros bringup --sim --arg role:=robot`` on the robot host, ``--arg role:=inference``
+with the shipped checkpoint on the CPU of the inference host, network namespaces joined by a
+switch, as root), driven through phases: baseline, 100 ms and 200 ms delay each way, 10 % loss,
+both, and the link down for 3 s. For each phase, from what reached the robot host: the actions
+that arrived and the age of their camera frame on arrival, the actions the safety node passed
+and their camera frame -> limited twist latency (the status it publishes with the twist), the
+share of twists that moved the arm, moving twists without a fresh and recent action (must be
+0), and how long the arm took to move again once the fault was cleared. The same graph with
+both sides on one host gives the reference for what the link adds.
+
+    .venv/bin/python bench/bench_two_hosts.py --out bench/results/two_hosts.json   # as root
+
+Safety limits: config/safety_node.yaml, except stop detection (``still_count: 0``, so that the
+episode does not end while faults are measured); ``--safety name=value`` overrides more. The
+figures depend on the CPU load: the JSON records the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from vla_ros.bringup import config_dir
+from vla_ros.testing import reserved_domain
+from vla_ros.testing.fleet import (
+    Limits,
+    TwoHostGraph,
+    action_ages,
+    frame_to_twist_ms,
+    safety_config,
+    stale_motion,
+    vla_ros,
+)
+from vla_ros.testing.netns import Lan, netem_supported
+
+#: (phase, delay each way [s], loss per frame, seconds held); the link-down phase is separate.
+PHASES = (('baseline', 0.0, 0.0, 20.0), ('delay_100ms', 0.1, 0.0, 15.0),
+          ('delay_200ms', 0.2, 0.0, 15.0), ('loss_10pct', 0.0, 0.1, 15.0),
+          ('delay_200ms_loss_10pct', 0.2, 0.1, 15.0))
+LINK_DOWN_S = 3.0
+RECOVERY_TIMEOUT = 30.0
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * len(v)))]
+
+
+def _window(g: TwoHostGraph, start: int, end: int) -> dict:
+    """The metrics of one phase window [start, end] (ns), from the recording."""
+    rec = g.rec.update()
+    ages = [a * 1e3 for a in action_ages(rec, start, end)]
+    latency = list(frame_to_twist_ms(rec, start, end))
+    twists = [tw for tw in rec.twists if start <= tw['s'] <= end]
+    moving = [tw for tw in twists if any(tw['v'])]
+    return {
+        'seconds': (end - start) / 1e9,
+        'actions_received': len(ages),
+        'action_rate_hz': len(ages) / ((end - start) / 1e9),
+        'frame_age_on_arrival_ms': {'p50': _pct(ages, 0.5), 'p90': _pct(ages, 0.9),
+                                    'max': max(ages, default=None)},
+        'actions_passed': len(latency),
+        'frame_to_twist_ms': {'p50': _pct(latency, 0.5), 'p90': _pct(latency, 0.9),
+                              'min': min(latency, default=None)},
+        'moving_twist_share': len(moving) / len(twists) if twists else None,
+        'stale_motion': len(stale_motion(rec, g.limits, start, end)),
+    }
+
+
+def _recovery(g: TwoHostGraph, since: int) -> float | None:
+    first = g.moving_after(since, RECOVERY_TIMEOUT)
+    return None if first is None else (first['s'] - since) / 1e9
+
+
+def run(net: Lan, domain_id: int, tmp: Path, safety_yaml: Path, profile: Path | None,
+        inference: str, phases: tuple) -> dict:
+    """Bring the graph up, instruct, go through ``phases``, then the link-down phase."""
+    out: dict[str, object] = {}
+    record = tmp / f'record_{inference}.jsonl'
+    with TwoHostGraph(net, domain_id, record, safety_yaml=safety_yaml, profile=profile,
+                      inference=inference) as g:
+        done = vla_ros(g.robot, g.env, 'instruct', 'move to the red block')
+        if done.returncode:
+            raise RuntimeError(done.stdout + done.stderr)
+        g.moving_after(0, 60)
+        for name, delay, loss, hold in phases:
+            start = time.time_ns()
+            if delay or loss:
+                out['impairment'] = net.impair(delay, loss)
+            time.sleep(hold)
+            end = time.time_ns()
+            net.clear()
+            # Leave out the first 2 delays + 1 s: what was on its way when the fault began.
+            settled = start + int((2 * delay + 1.0) * 1e9) if (delay or loss) else start
+            out[name] = {'delay_each_way_s': delay, 'loss': loss, **_window(g, settled, end),
+                         'moving_again_after_s': _recovery(g, end) if (delay or loss) else None}
+            print(f'[bench] {name}: {json.dumps(out[name])}', flush=True)
+        if inference != g.robot.name:
+            g.wait_moving(RECOVERY_TIMEOUT)
+            cut = time.time_ns()
+            g.inference.link_down()
+            time.sleep(LINK_DOWN_S)
+            up = time.time_ns()
+            g.inference.link_up()
+            rec = g.rec.update()
+            last = max((tw['s'] for tw in rec.moving() if tw['s'] < up), default=None)
+            out['link_down'] = {
+                'held_s': (up - cut) / 1e9,
+                'last_motion_after_cut_s': None if last is None else (last - cut) / 1e9,
+                'bound_s': g.limits.stop_bound_ns / 1e9,
+                'actions_while_down': len([a for a in rec.actions
+                                           if cut + 20_000_000 < a['t'] < up]),
+                'moving_again_after_s': _recovery(g, up),
+            }
+            print(f'[bench] link_down: {json.dumps(out["link_down"])}', flush=True)
+        out['stale_motion_whole_run'] = len(stale_motion(g.rec.update(), g.limits))
+    return out
+
+
+def _shown(path: Path) -> str:
+    """``config/<file>`` for the package's own profiles, else the path as given."""
+    return f'config/{path.name}' if path.resolve().parent == config_dir() else str(path)
+
+
+def main() -> int:
+    """Run the benchmark and write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--out', type=Path, default=Path('bench/results/two_hosts.json'))
+    parser.add_argument('--safety', action='append', default=[], metavar='NAME=VALUE',
+                        help='override a safety_node parameter (YAML value)')
+    parser.add_argument('--profile', type=Path, default=config_dir() / 'fastdds_fleet.xml',
+                        help='Fast DDS profile of every process (config/fastdds_fleet.xml)')
+    parser.add_argument('--no-one-host', action='store_true',
+                        help='skip the one-host reference run')
+    opts = parser.parse_args()
+    overrides = {'still_count': 0}
+    for item in opts.safety:
+        name, _, value = item.partition('=')
+        overrides[name] = yaml.safe_load(value)
+    load_before = os.getloadavg()
+    result: dict[str, object] = {
+        'command': '.venv/bin/python ' + ' '.join(  # as root
+            [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        'machine': {'nproc': os.cpu_count(), 'python': platform.python_version(),
+                    'kernel': platform.release(), 'netem': netem_supported(),
+                    'loadavg_before': load_before},
+        'safety_overrides': overrides,
+        'profile': _shown(opts.profile),
+        'discovery': 'fastdds discovery server on the robot host (ROS_DISCOVERY_SERVER)',
+    }
+    with tempfile.TemporaryDirectory(prefix='bench_two_hosts_') as tmp_name, \
+            reserved_domain() as domain_id:
+        tmp = Path(tmp_name)
+        safety_yaml = safety_config(tmp / 'safety.yaml', **overrides)
+        profile = opts.profile.resolve()
+        result['safety_limits'] = vars(Limits.of(safety_yaml))
+        with Lan(['robot', 'inference']) as net:
+            result['two_hosts'] = run(net, domain_id, tmp, safety_yaml, profile, 'inference',
+                                      PHASES)
+        if not opts.no_one_host:
+            with Lan(['robot']) as net:
+                result['one_host'] = run(net, domain_id, tmp, safety_yaml, profile, 'robot',
+                                         PHASES[:1])
+    result['machine']['loadavg_after'] = os.getloadavg()
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(result, indent=2) + '\n', encoding='utf-8')
+    print(f'[bench] wrote {opts.out}', flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
