@@ -30,7 +30,9 @@ def _zero(v: np.ndarray) -> bool:
 def graph(domain_id: int, tmp_path):  # noqa: ANN001, ANN201
     audit = tmp_path / 'audit.jsonl'
     safety = NodeProcess('vla_ros.nodes.safety_node',
-                         SAFETY_ARGS + ['-p', f'audit_log:={audit}'], env=ros_env(domain_id))
+                         SAFETY_ARGS + ['-p', f'audit_log:={audit}', '-p',
+                                        f'latch_file:={tmp_path / "latch"}'],
+                         env=ros_env(domain_id))
     safety.audit = audit
     sim = NodeProcess('vla_ros.nodes.sim_arm_node', SIM_ARGS, env=ros_env(domain_id))
     with node_processes(safety, sim), rclpy_context(domain_id) as ctx:
@@ -58,24 +60,37 @@ def _all_zero_after(h: SafetyHarness, stamp_ns: int) -> bool:
 def test_in_range_action_passes_unchanged_then_stale_action_stops(graph) -> None:  # noqa: ANN001
     safety, h = graph
     delta = [0.01, -0.005, 0.004, 0.0, 0.0, 0.02, 1.0]  # gripper raw 1.0 = open (Bridge)
+    target = np.array(delta[:6]) / 0.2
     t0 = _activate(h, delta)
-    moving = h.first_twist_after(t0, lambda v: not _zero(v))
-    assert moving is not None, (safety.output, h.last_status())
-    np.testing.assert_allclose(twist_vector(moving.msg), np.array(delta[:6]) / 0.2, atol=1e-12)
+    # The command ramps up at max_linear_accel / max_angular_accel per second (the linear
+    # part reaches 0.056 m/s after 0.11 s at 0.5 m/s^2), keeping the direction of each part,
+    # and then is the action's twist exactly.
+    reached = h.first_twist_after(t0, lambda v: np.allclose(v, target, rtol=0, atol=1e-12))
+    assert reached is not None, (safety.output, h.last_status())
+    ramp = [twist_vector(r.msg) for r in h.twists_stamped_after(t0)
+            if r.stamp_ns < reached.stamp_ns]
+    for v in ramp:
+        for part in (slice(0, 3), slice(3, 6)):
+            n = np.linalg.norm(v[part])
+            if n:
+                np.testing.assert_allclose(v[part] / n, target[part] / np.linalg.norm(
+                    target[part]), atol=1e-9)
     assert h.wait_state(SafetyStatus.STATE_ACTIVE)
-    assert list(h.last_status().limits_applied) == []
-    assert not h.grippers, 'gripper_debounce 2: one action must not command the gripper'
+    assert h.grippers and h.grippers[-1].msg.data == 0.0  # raw 1.0 (open) -> command 0 = open
+    n_grip = len(h.grippers)
     t1 = h.now_ns()
-    h.action(delta)  # the second agreeing action commands it
+    h.action(delta)  # the same command again: no new gripper command
     assert h.first_twist_after(t1, lambda v: not _zero(v)) is not None, safety.output
     time.sleep(0.1)
-    assert h.grippers and h.grippers[-1].msg.data == 0.0  # raw 1.0 (open) -> command 0 = open
+    assert len(h.grippers) == n_grip
+    assert list(h.last_status().limits_applied) == []
     # The held twist is re-published at the output rate until the action is stale...
     stopped = h.first_twist_after(t1, _zero, timeout=3.0)
     assert stopped is not None
     repeats = [r for r in h.twists_stamped_after(t1) if r.stamp_ns < stopped.stamp_ns]
     assert len(repeats) >= 10, (f'only {len(repeats)} re-publications in ~0.5 s at 50 Hz',
                                 safety.output)
+    assert all(np.array_equal(twist_vector(r.msg), target) for r in repeats)
     # ...then a controlled stop: timeout 0.5 s + at most one output period (+ scheduling).
     assert 0.45e9 < stopped.stamp_ns - t1 < (0.5 + 0.02 + 0.1) * 1e9, stopped.stamp_ns - t1
     assert h.wait_state(SafetyStatus.STATE_STOPPED)

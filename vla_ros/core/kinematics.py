@@ -74,16 +74,19 @@ class ArmKinematics:
         velocity_limits: joint velocity limits [rad/s or m/s] from the URDF, shape ``(n,)``.
         n_joints: number of movable joints.
         ee_frame: name of the end-effector frame that ``fk`` and ``jacobian`` describe.
+        contact_frames: frames whose positions ``contact_points`` returns (fingertips).
         source: where the model came from (a file path or ``'<string>'``), for messages.
 
     """
 
-    def __init__(self, model: pin.Model, ee_frame: str, source: str = '<string>') -> None:
+    def __init__(self, model: pin.Model, ee_frame: str, source: str = '<string>',
+                 contact_frames: Sequence[str] = ()) -> None:
         """Wrap a pinocchio model; prefer ``from_urdf_file`` / ``from_urdf_string``.
 
         Raises:
             ConfigError: the model has joints with more than one coordinate (continuous,
-                floating, planar), missing or non-finite limits, or ``ee_frame`` does not exist.
+                floating, planar), missing or non-finite limits, or ``ee_frame`` or one of
+                ``contact_frames`` does not exist.
 
         """
         self.source = source
@@ -122,6 +125,15 @@ class ArmKinematics:
                 f'{frames}')
         self.ee_frame = ee_frame
         self._frame_id = model.getFrameId(ee_frame)
+        if isinstance(contact_frames, str):
+            contact_frames = [contact_frames]
+        missing = [f for f in contact_frames if not model.existFrame(str(f))]
+        if missing:
+            frames = [str(f.name) for f in model.frames]
+            raise ConfigError(
+                f'{source}: contact frames {missing} not found; frames in the model: {frames}')
+        self.contact_frames: tuple[str, ...] = tuple(str(f) for f in contact_frames)
+        self._contact_ids = [model.getFrameId(f) for f in self.contact_frames]
         self._index = {name: i for i, name in enumerate(self.joint_names)}
         home = np.array(PANDA_HOME, dtype=float)
         if self.n_joints == home.size and bool(np.all((home > self.lower) & (home < self.upper))):
@@ -133,13 +145,15 @@ class ArmKinematics:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_urdf_string(cls, xml: str, ee_frame: str = 'panda_tcp', *,
-                         source: str = '<string>') -> ArmKinematics:
+                         source: str = '<string>', contact_frames: Sequence[str] = ()
+                         ) -> ArmKinematics:
         """Build from URDF text.
 
         Args:
             xml: the URDF document.
             ee_frame: a link or frame of the model whose pose and Jacobian are wanted.
             source: a name for error messages (the file the text came from).
+            contact_frames: frames whose positions ``contact_points`` returns.
 
         Raises:
             ConfigError: the text is not a valid URDF, or a check of ``__init__`` fails.
@@ -151,10 +165,11 @@ class ArmKinematics:
             model = pin.buildModelFromXML(xml)
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(f'{source}: not a valid URDF model ({exc})') from exc
-        return cls(model, ee_frame, source)
+        return cls(model, ee_frame, source, contact_frames)
 
     @classmethod
-    def from_urdf_file(cls, path: str | Path, ee_frame: str = 'panda_tcp') -> ArmKinematics:
+    def from_urdf_file(cls, path: str | Path, ee_frame: str = 'panda_tcp',
+                       contact_frames: Sequence[str] = ()) -> ArmKinematics:
         """Build from a URDF file (see ``default_urdf_path`` for the bundled Panda-like arm).
 
         Raises:
@@ -166,7 +181,8 @@ class ArmKinematics:
             xml = path.read_text(encoding='utf-8')
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f'cannot read URDF file {str(path)!r}: {exc}') from exc
-        kin = cls.from_urdf_string(xml, ee_frame, source=str(path))
+        kin = cls.from_urdf_string(xml, ee_frame, source=str(path),
+                                   contact_frames=contact_frames)
         logger.debug('loaded %s: %d joints, ee frame %r', path, kin.n_joints, ee_frame)
         return kin
 
@@ -257,6 +273,22 @@ class ArmKinematics:
         pin.forwardKinematics(self._model, self._data, q)
         placement = pin.updateFramePlacement(self._model, self._data, self._frame_id)
         return np.array(placement.translation), np.array(placement.rotation)
+
+    def contact_points(self, q: np.ndarray | Sequence[float]) -> np.ndarray:
+        """Return the positions ``(m, 3)`` [m] of the ``contact_frames`` in world at ``q``.
+
+        Raises:
+            JointStateError: ``q`` has the wrong size or a non-finite entry.
+
+        """
+        q = self._check_q(q)
+        out = np.empty((len(self._contact_ids), 3))
+        if not self._contact_ids:
+            return out
+        pin.forwardKinematics(self._model, self._data, q)
+        for k, fid in enumerate(self._contact_ids):
+            out[k] = pin.updateFramePlacement(self._model, self._data, fid).translation
+        return out
 
     def jacobian(self, q: np.ndarray | Sequence[float]) -> np.ndarray:
         """Return the ee frame Jacobian ``(6, n)``: linear rows, then angular, world axes.

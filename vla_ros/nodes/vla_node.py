@@ -53,6 +53,9 @@ PARAMS = (
           'free for the safety path.', 0, 256, read_only=True),
     Param('nice', 5, 'Scheduling niceness added to this process, so the safety node preempts '
           'inference on a busy CPU.', 0, 19, read_only=True),
+    Param('frame_id', 'panda_link0', 'Frame the action deltas are expressed in (the robot base '
+          'frame of the checkpoint); the safety node refuses actions in any other frame.',
+          read_only=True),
 )
 
 
@@ -197,6 +200,7 @@ class VlaNode(LifecycleNode):
             return
         msg = VlaAction()
         msg.header = obs.header
+        msg.header.frame_id = str(self.p['frame_id'])  # the delta's frame, not the camera's
         msg.episode_id = obs.episode_id
         msg.delta = np.asarray(out.action, dtype=np.float64)
         msg.normalized = np.asarray(out.normalized, dtype=np.float64)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +41,8 @@ def reserved_domain() -> Iterator[int]:
         except BlockingIOError:
             os.close(fd)
             continue
+        state = state_dir(domain)  # nodes' persisted state (the safety latch) starts empty
+        shutil.rmtree(state, ignore_errors=True)
         try:
             yield domain
         finally:
@@ -47,6 +50,11 @@ def reserved_domain() -> Iterator[int]:
             os.close(fd)
         return
     raise RuntimeError(f'all DDS test domains {TEST_DOMAINS} are in use')
+
+
+def state_dir(domain_id: int) -> Path:
+    """The ``XDG_STATE_HOME`` of node processes on test domain ``domain_id`` (see ``ros_env``)."""
+    return _LOCK_DIR.parent / 'vla_ros_state' / str(domain_id)
 
 
 def udp_only_profile(socket_buffer_bytes: int | None = None) -> str:
@@ -82,6 +90,9 @@ def ros_env(domain_id: int, extra: dict[str, str] | None = None) -> dict[str, st
         'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST',
         'RMW_IMPLEMENTATION': 'rmw_fastrtps_cpp',
         'PYTHONUNBUFFERED': '1',
+        # Persisted node state (the safety node's e-stop latch) per test domain, emptied when
+        # the domain is reserved: never the user's own state folder, never another test's.
+        'XDG_STATE_HOME': str(state_dir(domain_id)),
     })
     if extra:
         env.update(extra)

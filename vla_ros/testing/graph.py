@@ -20,8 +20,12 @@ from rclpy.executors import ExternalShutdownException
 from std_msgs.msg import Bool, Float64
 from std_srvs.srv import Trigger
 
+from vla_ros.core.safety import SafetyConfig
 from vla_ros.msg import Episode, SafetyStatus, VlaAction
 from vla_ros.nodes import qos
+
+#: The frame the safety node expects actions in by default.
+FRAME = SafetyConfig().frame_id
 
 
 @dataclass
@@ -91,14 +95,26 @@ class SafetyHarness:
         self.episode_pub.publish(msg)
 
     def action(self, delta: list[float] | np.ndarray, *, stamp_offset: float = 0.0,
-               episode: int | None = None) -> VlaAction:
-        """Publish one VlaAction stamped now (+ ``stamp_offset`` s)."""
+               episode: int | None = None, instruction: str | None = None,
+               frame_id: str = FRAME, token_probs: list[float] | None = None,
+               stamp_ns: int | None = None) -> VlaAction:
+        """Publish one VlaAction of the current episode stamped now (+ ``stamp_offset`` s).
+
+        ``stamp_ns`` sets the stamp itself (0: unstamped); the instruction is the episode's and
+        the frame the safety node's default unless given.
+        """
         msg = VlaAction()
-        now = self.node.get_clock().now() + rclpy.duration.Duration(seconds=stamp_offset)
-        msg.header.stamp = now.to_msg()
+        if stamp_ns is None:
+            now = self.node.get_clock().now() + rclpy.duration.Duration(seconds=stamp_offset)
+            msg.header.stamp = now.to_msg()
+        else:
+            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(int(stamp_ns), 1_000_000_000)
+        msg.header.frame_id = frame_id
         msg.episode_id = self._episode if episode is None else episode
         msg.delta = np.asarray(delta, dtype=np.float64)
-        msg.instruction = self._instruction
+        msg.instruction = self._instruction if instruction is None else instruction
+        if token_probs is not None:
+            msg.token_probs = np.asarray(token_probs, dtype=np.float32)
         self.action_pub.publish(msg)
         return msg
 
@@ -153,6 +169,19 @@ class SafetyHarness:
                 return True
             time.sleep(0.005)
         return False
+
+    def status_after(self, stamp_ns: int, pred, timeout: float = 5.0  # noqa: ANN001
+                     ) -> SafetyStatus | None:
+        """The first status stamped after ROS time ``stamp_ns`` for which ``pred`` holds."""
+        end = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                found = [r.msg for r in self.statuses if r.stamp_ns > stamp_ns and pred(r.msg)]
+            if found:
+                return found[0]
+            if time.monotonic() >= end:
+                return None
+            time.sleep(0.005)
 
     def wait_state(self, state: int, timeout: float = 5.0) -> bool:
         """Wait until the newest status has ``state``."""
