@@ -6,7 +6,8 @@ kind, ``t`` receipt and ``s`` header stamp in ns of the system clock, which ever
 namespaced test shares), so a test can check, message by message, what moved the arm and on
 which action. ``inject`` is a second,
 unauthorised action publisher (a stand-in for a rogue participant): it follows the latched
-episode like the VLA node does, publishes a fixed delta stamped now at ``--rate`` and reports
+episode (id and instruction) like the VLA node does, publishes a fixed delta stamped now at
+``--rate`` in the VLA node's frame, each token sure of itself, and reports
 whether the safety node's action subscription matched it. :class:`Recording` reads a record
 file while it grows::
 
@@ -79,16 +80,18 @@ def record(namespace: str, twist_topic: str, camera_topic: str, out: Path) -> No
         _spin(node, stop)
 
 
-def inject(namespace: str, delta: Sequence[float], rate: float, duration: float) -> dict:
+def inject(namespace: str, delta: Sequence[float], rate: float, duration: float,
+           frame_id: str = 'panda_link0') -> dict:
     """Publish ``delta`` as VlaActions of the current episode; return what happened."""
     from vla_ros.bringup import ns_topic
     from vla_ros.msg import Episode, VlaAction
     from vla_ros.nodes import qos
 
     node, stop = _start('probe_injector')
-    episodes: list[int] = []
+    episodes: list[tuple[int, str]] = []
     node.create_subscription(Episode, ns_topic(namespace, 'episode'),
-                             lambda m: episodes.append(int(m.episode_id)), qos.LATCHED)
+                             lambda m: episodes.append((int(m.episode_id), m.instruction)),
+                             qos.LATCHED)
     pub = node.create_publisher(VlaAction, ns_topic(namespace, 'action'), qos.ACTION)
     published, matched = 0, 0
 
@@ -96,9 +99,11 @@ def inject(namespace: str, delta: Sequence[float], rate: float, duration: float)
         nonlocal published, matched
         msg = VlaAction()
         msg.header.stamp = node.get_clock().now().to_msg()
-        msg.episode_id = episodes[-1] if episodes else 0
+        msg.header.frame_id = frame_id
+        msg.token_probs = [1.0] * 7
+        msg.token_margins = [1.0] * 7
+        msg.episode_id, msg.instruction = episodes[-1] if episodes else (0, '')
         msg.delta = [float(x) for x in delta]
-        msg.instruction = 'injected'
         pub.publish(msg)
         published += 1
         matched = max(matched, pub.get_subscription_count())
@@ -106,7 +111,7 @@ def inject(namespace: str, delta: Sequence[float], rate: float, duration: float)
     node.create_timer(1.0 / rate, tick)
     _spin(node, stop, duration)
     return {'k': 'inject', 'published': published, 'subscribers': matched,
-            'episode_seen': episodes[-1] if episodes else None}
+            'episode_seen': episodes[-1][0] if episodes else None}
 
 
 def _start(name: str):  # noqa: ANN202 - (node, stop event)
@@ -181,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     i.add_argument('--delta', default='0,0,0,0,0,0,1', help='7 comma-separated numbers')
     i.add_argument('--rate', type=float, default=10.0)
     i.add_argument('--duration', type=float, default=5.0)
+    i.add_argument('--frame-id', dest='frame_id', default='panda_link0')
     for p in (r, i):
         p.add_argument('--namespace', default='vla')
     opts = parser.parse_args(argv)
@@ -190,8 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         delta = [float(x) for x in opts.delta.split(',')]
         if len(delta) != 7:
             parser.error(f'--delta needs 7 numbers, got {len(delta)}')
-        sys.stdout.write(json.dumps(inject(opts.namespace, delta, opts.rate,
-                                           opts.duration)) + '\n')
+        sys.stdout.write(json.dumps(inject(opts.namespace, delta, opts.rate, opts.duration,
+                                           opts.frame_id)) + '\n')
     return 0
 
 
