@@ -147,6 +147,8 @@ def run_micro(args) -> dict:
     b = torch.empty_like(a)
     ms = graph_ms([lambda a=a, b=b: b.copy_(a)])
     rec['copy_bw_tbs'] = 2 * a.numel() * 2 / (ms * 1e-3) / 1e12
+    ms = graph_ms([lambda a=a: a.sum(dtype=torch.float32)])
+    rec['read_bw_tbs'] = a.numel() * 2 / (ms * 1e-3) / 1e12
     del a, b
     x = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     y = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
@@ -275,6 +277,31 @@ def _stage_profile(policy, images, dev) -> dict:
     return out
 
 
+def _teacher_forced(policy, images, dev) -> dict:
+    """Is each generated token the argmax of transformers' forward given our own prefix?
+
+    With random weights the logits are nearly flat, so disagreements of a bf16 ulp or so are
+    numerics (kernel order), not bugs; the largest gap says which.
+    """
+    import torch
+    first, last = policy.action_tokenizer.action_token_range
+    agree, gaps, spreads = 0, [], []
+    for r in range(4):
+        out = policy.predict(images[r], INSTRUCTIONS[r])
+        ids = policy.prompt_ids(INSTRUCTIONS[r]) + list(out.token_ids[:-1])
+        with torch.inference_mode():
+            px = policy.pixel_values(images[r]).to(policy.model.dtype)
+            logits = policy.model.forward_logits(px, torch.tensor([ids], device=dev))
+        logits = logits[0, -N_TOKENS:].float()[:, first:last + 1]
+        for i, t in enumerate(out.token_ids):
+            gap = float(logits[i].max() - logits[i, t - first])
+            agree += gap == 0.0
+            gaps.append(gap)
+            spreads.append(float(logits[i].std()))
+    return {'agreement': agree / len(gaps), 'max_gap': max(gaps),
+            'logit_std_median': statistics.median(spreads), 'n_tokens': len(gaps)}
+
+
 def _kernel_profile(policy, images, top: int = 25) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -338,6 +365,7 @@ def run_user(args, quant: str | None, warm: bool) -> dict:
     rec.update(_gpu_peak())
     rec['host_rss_peak_gb'] = _rss_gb()
     rec['profile'] = _stage_profile(policy, images['224x224'], dev)
+    rec['teacher_forced'] = _teacher_forced(policy, images['224x224'], dev)
     if dev.type == 'cuda':
         rec['kernels'] = _kernel_profile(policy, images['224x224'])
     rec['kernel_choices'] = cache.choices()
@@ -444,7 +472,9 @@ def model_sizes(ckpt: str) -> dict:
 
 def floor_ms(sizes: dict, micro: dict, mode: str, n_arms: int, prefix_len: int) -> dict:
     """The physical floor of one batch of ``n_arms`` actions on this GPU."""
-    bw, rate = micro['copy_bw_tbs'] * 1e12, micro['bf16_matmul_tflops'] * 1e12
+    # weights are read, not copied: the better of the copy and the read-only rate
+    bw = max(micro['copy_bw_tbs'], micro.get('read_bw_tbs', 0)) * 1e12
+    rate = micro['bf16_matmul_tflops'] * 1e12
     dbytes = sizes['decode_bytes'][mode]
     vision = max(2 * sizes['vision_params'] * 256 * n_arms / rate,
                  2 * sizes['vision_params'] / bw) * 1e3
@@ -498,7 +528,8 @@ def print_table(result: dict) -> None:
     print(f"device: {result['device']}")
     micro = result['raw'].get('micro', {})
     if 'copy_bw_tbs' in micro:
-        print(f"copy {micro['copy_bw_tbs']:.2f} TB/s, bf16 matmul "
+        print(f"copy {micro['copy_bw_tbs']:.2f} TB/s, read {micro.get('read_bw_tbs', 0):.2f} "
+              f"TB/s, bf16 matmul "
               f"{micro['bf16_matmul_tflops']:.0f} TFLOP/s, int4 asm {micro['int4_inline_asm']}")
         for shape, row in micro.get('int4', {}).items():
             best = row.get('best')

@@ -9,7 +9,8 @@ that arrived and the age of their camera frame on arrival, the actions the safet
 and their camera frame -> limited twist latency (the status it publishes with the twist), the
 share of twists that moved the arm, moving twists without a fresh and recent action (must be
 0), and how long the arm took to move again once the fault was cleared. The same graph with
-both sides on one host gives the reference for what the link adds.
+both sides on one host gives the reference for what the link adds, and two ping-pong processes
+on that host what the profile's fragment size costs within a host (``shm_round_trips``).
 
     .venv/bin/python bench/bench_two_hosts.py --out bench/results/two_hosts.json   # as root
 
@@ -32,12 +33,15 @@ from pathlib import Path
 import yaml
 
 from vla_ros.bringup import config_dir
-from vla_ros.testing import reserved_domain
+from vla_ros.testing import node_processes, reserved_domain
 from vla_ros.testing.fleet import (
     Limits,
     TwoHostGraph,
     action_ages,
+    figures_table,
+    fleet_env,
     frame_to_twist_ms,
+    round_trip_table,
     safety_config,
     stale_motion,
     vla_ros,
@@ -130,6 +134,34 @@ def run(net: Lan, domain_id: int, tmp: Path, safety_yaml: Path, profile: Path | 
     return out
 
 
+def shm_cost(net: Lan, domain_id: int, tmp: Path, profiles: list[Path]) -> dict:
+    """Round trips of 224x224 observations and 640x480 images within one host, per profile.
+
+    What a profile's fragment size costs the robot host: two ping-pong processes
+    (``vla_ros.testing.pingpong_node``, reliable, 10 Hz) exchange frames in shared memory.
+    """
+    host = next(iter(net.hosts.values()))
+    out = {}
+    for profile in profiles:
+        env = fleet_env(domain_id, '', profile)
+        env.pop('ROS_DISCOVERY_SERVER')
+        result = tmp / f'rtt_{profile.stem}.json'
+        pong = host.node_process('vla_ros.testing.pingpong_node',
+                                 ['pong', '--image-qos', 'reliable'], env=env)
+        ping = host.node_process('vla_ros.testing.pingpong_node', [
+            'ping', '--kind', 'both', '--image-qos', 'reliable', '--rate', '10', '--warmup', '10',
+            '--count', '100', '--out', str(result)], env=env)
+        with node_processes(pong, ping):
+            ping.proc.wait(120)
+        rtt = json.loads(result.read_text())
+        out[_shown(profile)] = {kind: {
+            'rtt_p50_ms': _pct([x / 1e6 for x in v['rtt_ns']], 0.5),
+            'rtt_p90_ms': _pct([x / 1e6 for x in v['rtt_ns']], 0.9), 'lost': v['lost']}
+            for kind, v in rtt.items()}
+        print(f'[bench] shm cost {profile.name}: {json.dumps(out[_shown(profile)])}', flush=True)
+    return out
+
+
 def _shown(path: Path) -> str:
     """``config/<file>`` for the package's own profiles, else the path as given."""
     return f'config/{path.name}' if path.resolve().parent == config_dir() else str(path)
@@ -145,6 +177,8 @@ def main() -> int:
                         help='Fast DDS profile of every process (config/fastdds_fleet.xml)')
     parser.add_argument('--no-one-host', action='store_true',
                         help='skip the one-host reference run')
+    parser.add_argument('--phases', default=','.join(p[0] for p in PHASES),
+                        help='comma list of phases to run (the link-down phase always runs)')
     opts = parser.parse_args()
     overrides = {'still_count': 0}
     for item in opts.safety:
@@ -167,17 +201,21 @@ def main() -> int:
         safety_yaml = safety_config(tmp / 'safety.yaml', **overrides)
         profile = opts.profile.resolve()
         result['safety_limits'] = vars(Limits.of(safety_yaml))
+        phases = tuple(p for p in PHASES if p[0] in opts.phases.split(','))
         with Lan(['robot', 'inference']) as net:
             result['two_hosts'] = run(net, domain_id, tmp, safety_yaml, profile, 'inference',
-                                      PHASES)
+                                      phases)
         if not opts.no_one_host:
             with Lan(['robot']) as net:
                 result['one_host'] = run(net, domain_id, tmp, safety_yaml, profile, 'robot',
                                          PHASES[:1])
+                result['shm_round_trips'] = shm_cost(net, domain_id, tmp, [
+                    config_dir() / 'fastdds_shm.xml', config_dir() / 'fastdds_fleet.xml'])
     result['machine']['loadavg_after'] = os.getloadavg()
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(result, indent=2) + '\n', encoding='utf-8')
-    print(f'[bench] wrote {opts.out}', flush=True)
+    print(f'[bench] wrote {opts.out}; its table for docs/fleet.md:', flush=True)
+    print('\n'.join(figures_table(result) + [''] + round_trip_table(result)), flush=True)
     return 0
 
 

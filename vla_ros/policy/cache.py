@@ -111,14 +111,30 @@ def _save() -> None:
         logger.warning('cannot save kernel choices to %s: %s', file, exc)
 
 
+_scratch: dict[str, torch.Tensor] = {}
+
+
 def _time_ms(fn: Callable[[], Any], reps: int = 5) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    """Median time of ``fn`` with the L2 cache flushed before each run.
+
+    In a decode step every weight comes from device memory (the model is far larger than the
+    L2), so a candidate timed on a weight left in L2 by its previous run would look faster
+    than it is; a 256 MB write before each run evicts it.
+    """
+    device = torch.cuda.current_device()
+    key = str(device)
+    if key not in _scratch:
+        _scratch[key] = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    pairs = []
     for _ in range(reps):
+        _scratch[key].zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    end.record()
+        end.record()
+        pairs.append((start, end))
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    return sorted(a.elapsed_time(b) for a, b in pairs)[reps // 2]
 
 
 def _as_product(out: Any) -> torch.Tensor:

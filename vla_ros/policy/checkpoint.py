@@ -630,6 +630,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = '
     Whatever stops a load (an error, or SIGINT's KeyboardInterrupt) leaves nothing behind: the
     partial model is dropped and its GPU memory returned before the exception propagates.
     """
+    started = time.perf_counter()
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f'checkpoint directory not found: {directory}')
@@ -676,8 +677,9 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = '
                               + f' ({type(exc).__name__})') from exc
         raise
     model.eval()
-    logger.info('loaded OpenVLA checkpoint %s (%d weight files) on %s as %s%s', directory,
-                len(files), dev, dt, f', {quantization}' if quantization else '')
+    logger.info('loaded OpenVLA checkpoint %s (%d weight files) on %s as %s%s in %.1f s',
+                directory, len(files), dev, dt, f', {quantization}' if quantization else '',
+                time.perf_counter() - started)
     return LoadedCheckpoint(model=model, tokenizer=tokenizer, norm_stats=norm_stats,
                             config=config, preprocessor_config=preprocessor, path=directory,
                             weight_files=files)

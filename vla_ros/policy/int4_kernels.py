@@ -149,12 +149,40 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
+    def _group_step(acc, w_rows, x_rows, s_ptr, m_ptr, g, valid, N, rn, nmask, mmask,
+                    GROUP: tl.constexpr, USE_ASM: tl.constexpr, DOT_F32: tl.constexpr,
+                    W_LHS: tl.constexpr):
+        """Add group g's product to acc: scale * (codes @ x^T) + (offset - bias*scale) * sum(x)."""
+        HALF: tl.constexpr = GROUP // 2
+        b = tl.load(w_rows + g * HALF, mask=nmask[:, None] & valid, other=0)
+        lo, hi = _codes(b, USE_ASM)
+        xlo = tl.load(x_rows + g * GROUP, mask=mmask[:, None] & valid, other=0.0)
+        xhi = tl.load(x_rows + g * GROUP + HALF, mask=mmask[:, None] & valid, other=0.0)
+        xs = tl.sum(xlo.to(tl.float32), axis=1) + tl.sum(xhi.to(tl.float32), axis=1)
+        s = tl.load(s_ptr + g * N + rn, mask=nmask & valid, other=0.0).to(tl.float32)
+        o = tl.load(m_ptr + g * N + rn, mask=nmask & valid, other=0.0).to(tl.float32)
+        if USE_ASM:  # the codes came out as 128 + q
+            o = o - 128.0 * s
+        if DOT_F32:  # Triton's interpreter multiplies bf16 tiles wrongly; fp32 there
+            lo, hi = lo.to(tl.float32), hi.to(tl.float32)
+            xlo, xhi = xlo.to(tl.float32), xhi.to(tl.float32)
+        if W_LHS:  # acc[n, m]: the weight tile is the wide left operand
+            d = tl.dot(lo, tl.trans(xlo))
+            d = tl.dot(hi, tl.trans(xhi), d)
+            acc += s[:, None] * d + o[:, None] * xs[None, :]
+        else:  # acc[m, n]
+            d = tl.dot(xlo, tl.trans(lo))
+            d = tl.dot(xhi, tl.trans(hi), d)
+            acc += d * s[None, :] + xs[:, None] * o[None, :]
+        return acc
+
+    @triton.jit
     def _mm_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, M, N, K, stride_xm, GROUPS_PER_SPLIT,
                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                   USE_ASM: tl.constexpr, PARTIALS: tl.constexpr, DOT_F32: tl.constexpr):
+                   USE_ASM: tl.constexpr, PARTIALS: tl.constexpr, DOT_F32: tl.constexpr,
+                   GPI: tl.constexpr = 1, W_LHS: tl.constexpr = True):
         # Program (n, m, s): BLOCK_N weight rows x BLOCK_M activation rows over the groups of
-        # split s. acc^T[n, m] = sum_g scale[g, n] * (codes_g @ x_g^T)[n, m]
-        #                              + (offset[g, n] - bias * scale[g, n]) * sum(x_g)[m].
+        # split s, GPI groups per loop iteration (more bytes in flight per program).
         HALF: tl.constexpr = GROUP // 2
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -164,35 +192,28 @@ if triton is not None:
         rh = tl.arange(0, HALF)
         nmask = rn < N
         mmask = rm < M
-        n_groups = K // GROUP
         g_begin = pid_s * GROUPS_PER_SPLIT
-        g_end = tl.minimum(g_begin + GROUPS_PER_SPLIT, n_groups)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        g_end = tl.minimum(g_begin + GROUPS_PER_SPLIT, K // GROUP)
+        if W_LHS:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         w_rows = qw_ptr + rn[:, None] * (K // 2) + rh[None, :]
         x_rows = x_ptr + rm[:, None] * stride_xm + rh[None, :]
-        for g in range(g_begin, g_end):
-            b = tl.load(w_rows + g * HALF, mask=nmask[:, None], other=0)
-            lo, hi = _codes(b, USE_ASM)
-            xlo = tl.load(x_rows + g * GROUP, mask=mmask[:, None], other=0.0)
-            xhi = tl.load(x_rows + g * GROUP + HALF, mask=mmask[:, None], other=0.0)
-            xs = tl.sum(xlo.to(tl.float32), axis=1) + tl.sum(xhi.to(tl.float32), axis=1)
-            if DOT_F32:  # Triton's interpreter multiplies bf16 tiles wrongly; fp32 there
-                lo, hi = lo.to(tl.float32), hi.to(tl.float32)
-                xlo, xhi = xlo.to(tl.float32), xhi.to(tl.float32)
-            d = tl.dot(lo, tl.trans(xlo))
-            d = tl.dot(hi, tl.trans(xhi), d)
-            s = tl.load(s_ptr + g * N + rn, mask=nmask, other=0.0).to(tl.float32)
-            o = tl.load(m_ptr + g * N + rn, mask=nmask, other=0.0).to(tl.float32)
-            if USE_ASM:  # the codes came out as 128 + q
-                o = o - 128.0 * s
-            acc += s[:, None] * d + o[:, None] * xs[None, :]
-        out_mask = nmask[:, None] & mmask[None, :]
-        if PARTIALS:  # fp32 partial sums y[split, m, n], summed by the caller
-            out = y_ptr + pid_s * M * N + rm[None, :] * N + rn[:, None]
-            tl.store(out, acc, mask=out_mask)
+        for g0 in range(g_begin, g_end, GPI):
+            for j in tl.static_range(GPI):
+                acc = _group_step(acc, w_rows, x_rows, s_ptr, m_ptr, g0 + j, g0 + j < g_end, N,
+                                  rn, nmask, mmask, GROUP, USE_ASM, DOT_F32, W_LHS)
+        if W_LHS:
+            offs = rm[None, :] * N + rn[:, None]
+            out_mask = nmask[:, None] & mmask[None, :]
         else:
-            tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty),
-                     mask=out_mask)
+            offs = rm[:, None] * N + rn[None, :]
+            out_mask = mmask[:, None] & nmask[None, :]
+        if PARTIALS:  # fp32 partial sums y[split, m, n], summed by the caller
+            tl.store(y_ptr + pid_s * M * N + offs, acc, mask=out_mask)
+        else:
+            tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit
     def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, N, K, GROUPS_PER_SPLIT,
@@ -228,7 +249,7 @@ if triton is not None:
         tl.store(y_ptr + pid_s * N + rn, acc, mask=nmask)
 
     @triton.jit
-    def _dequant_kernel(qw_ptr, s_ptr, m_ptr, w_ptr, N, K, GROUP: tl.constexpr,
+    def _dequant_kernel(qw_ptr, s_ptr, m_ptr, w_ptr, N, K, stride_s, GROUP: tl.constexpr,
                         BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr):
         HALF: tl.constexpr = GROUP // 2
         pid_n = tl.program_id(0)
@@ -239,8 +260,8 @@ if triton is not None:
         b = tl.load(qw_ptr + rn[:, None] * (K // 2) + g * HALF + rh[None, :],
                     mask=nmask[:, None], other=0)
         lo, hi = _codes(b, USE_ASM)
-        s = tl.load(s_ptr + g * N + rn, mask=nmask, other=0.0).to(tl.float32)
-        o = tl.load(m_ptr + g * N + rn, mask=nmask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + g * stride_s + rn, mask=nmask, other=0.0).to(tl.float32)
+        o = tl.load(m_ptr + g * stride_s + rn, mask=nmask, other=0.0).to(tl.float32)
         if USE_ASM:
             o = o - 128.0 * s
         out = w_ptr + rn[:, None] * K + g * GROUP + rh[None, :]
@@ -297,7 +318,8 @@ def _use_asm(device: torch.device) -> bool:
 
 
 def _fused(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, split: int,
-           block_n: int, block_m: int, warps: int, stages: int) -> Tensor:
+           block_n: int, block_m: int, warps: int, stages: int, gpi: int = 1,
+           w_lhs: bool = True) -> Tensor:
     m, k = x2.shape
     n = qweight.shape[0]
     groups = scales.shape[0]
@@ -311,7 +333,7 @@ def _fused(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, split: 
     _mm_kernel[grid](x2, qweight, scales, offsets, y, m, n, k, x2.stride(0), per_split,
                      GROUP=k // groups, BLOCK_N=block_n, BLOCK_M=block_m,
                      USE_ASM=_use_asm(x2.device), PARTIALS=partials, DOT_F32=_INTERPRET,
-                     num_warps=warps, num_stages=stages)
+                     GPI=gpi, W_LHS=w_lhs, num_warps=warps, num_stages=stages)
     return y
 
 
@@ -330,15 +352,61 @@ def _gemv(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, split: i
     return y.view(split, 1, n) if split > 1 else y.view(1, n).to(x2.dtype)
 
 
+def _dequant_into(qweight: Tensor, scales: Tensor, offsets: Tensor, w: Tensor) -> Tensor:
+    """Dequantize rows of packed weights (scales/offsets may be column slices) into ``w``."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    grid = (triton.cdiv(n, 32), scales.shape[0])
+    _dequant_kernel[grid](qweight, scales, offsets, w, n, k, scales.stride(0),
+                          GROUP=k // scales.shape[0], BLOCK_N=32,
+                          USE_ASM=_use_asm(qweight.device), num_warps=4)
+    return w
+
+
 def dequantize_triton(qweight: Tensor, scales: Tensor, offsets: Tensor,
                       dtype: torch.dtype) -> Tensor:
     """Dequantize with the Triton kernel into a new (N, K) tensor of ``dtype``."""
     n, k = qweight.shape[0], qweight.shape[1] * 2
-    w = torch.empty(n, k, device=qweight.device, dtype=dtype)
-    grid = (triton.cdiv(n, 32), scales.shape[0])
-    _dequant_kernel[grid](qweight, scales, offsets, w, n, k, GROUP=k // scales.shape[0],
-                          BLOCK_N=32, USE_ASM=_use_asm(qweight.device), num_warps=4)
-    return w
+    return _dequant_into(qweight, scales, offsets,
+                         torch.empty(n, k, device=qweight.device, dtype=dtype))
+
+
+_SIDE_STREAMS: dict[str, torch.cuda.Stream] = {}
+
+
+def _dequant_overlapped(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor,
+                        chunks: int = 4) -> Tensor:
+    """Dequantize + cuBLAS by row chunks, the dequantization overlapped with the products.
+
+    Chunk i+1 is dequantized on a side stream during chunk i's product (two scratch buffers),
+    so the bandwidth-bound dequantization hides under the compute-bound GEMM. Computes
+    ``(W x^T)^T`` so that each chunk's output rows are contiguous.
+    """
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    rows = -(-n // chunks)
+    dev = x2.device
+    key = str(dev)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(dev)
+    side, main = _SIDE_STREAMS[key], torch.cuda.current_stream(dev)
+    y_t = torch.empty(n, x2.shape[0], device=dev, dtype=x2.dtype)
+    bufs = [torch.empty(rows, k, device=dev, dtype=x2.dtype) for _ in range(2)]
+    used: list[torch.cuda.Event | None] = [None, None]
+    side.wait_stream(main)
+    for i, a in enumerate(range(0, n, rows)):
+        b = min(n, a + rows)
+        buf = bufs[i % 2][:b - a]
+        ready = torch.cuda.Event()
+        with torch.cuda.stream(side):
+            if used[i % 2] is not None:
+                side.wait_event(used[i % 2])
+            _dequant_into(qweight[a:b], scales[:, a:b], offsets[:, a:b], buf)
+            ready.record(side)
+        main.wait_event(ready)
+        torch.mm(buf, x2.t(), out=y_t[a:b])
+        used[i % 2] = torch.cuda.Event()
+        used[i % 2].record(main)
+    main.wait_stream(side)
+    return y_t.t().contiguous()
 
 
 _SMS: dict[str, int] = {}
@@ -373,20 +441,22 @@ def candidates(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor,
     out: dict[str, Callable[[], Tensor]] = {}
     if m <= SKINNY_ROWS:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        for bn, warps, stages in ((64, 4, 4), (128, 4, 3), (128, 8, 4), (32, 2, 4), (64, 4, 6)):
-            out[f'fused_n{bn}_m{bm}_w{warps}_s{stages}'] = functools.partial(
-                _fused, x2, qweight, scales, offsets, split, bn, bm, warps, stages)
+        for bn, warps, stages, gpi, w_lhs in ((64, 4, 4, 2, True), (64, 4, 4, 1, True),
+                                              (64, 4, 3, 4, True), (128, 8, 4, 2, True),
+                                              (64, 4, 4, 2, False), (128, 4, 3, 2, False)):
+            name = f'fused_n{bn}_m{bm}_w{warps}_s{stages}_g{gpi}' + ('' if w_lhs else '_xlhs')
+            out[name] = functools.partial(_fused, x2, qweight, scales, offsets, split, bn, bm,
+                                          warps, stages, gpi, w_lhs)
         if m == 1:
-            for bn, warps in ((16, 4), (32, 4), (64, 8)):
-                out[f'gemv_n{bn}_w{warps}'] = functools.partial(
-                    _gemv, x2, qweight, scales, offsets, split, bn, warps)
+            out['gemv_n16_w4'] = functools.partial(_gemv, x2, qweight, scales, offsets, split,
+                                                   16, 4)
     else:
         out['dequant_cublas'] = lambda: F.linear(
             x2, dequantize_triton(qweight, scales, offsets, x2.dtype))
-        for bn, bm, warps, stages in ((128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4),
-                                      (128, 256, 8, 3)):
-            out[f'fused_n{bn}_m{bm}_w{warps}_s{stages}'] = functools.partial(
-                _fused, x2, qweight, scales, offsets, 1, bn, bm, warps, stages)
+        out['dequant_cublas_overlap4'] = functools.partial(_dequant_overlapped, x2, qweight,
+                                                           scales, offsets, 4)
+        out['fused_n128_m128_w8_s3'] = functools.partial(_fused, x2, qweight, scales, offsets,
+                                                         1, 128, 128, 8, 3)
     return out
 
 
@@ -406,9 +476,10 @@ def int4_matmul_reference(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: 
 
 
 def fused_triton(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, split: int = 1,
-                 block_n: int = 64, block_m: int = 16) -> Tensor:
+                 block_n: int = 64, block_m: int = 16, gpi: int = 1,
+                 w_lhs: bool = True) -> Tensor:
     """The fused kernel with given tiles (no tuning), e.g. for ``TRITON_INTERPRET=1`` tests."""
-    return _fused(x2, qweight, scales, offsets, split, block_n, block_m, 4, 2)
+    return _fused(x2, qweight, scales, offsets, split, block_n, block_m, 4, 2, gpi, w_lhs)
 
 
 def gemv_triton(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, split: int = 1,
