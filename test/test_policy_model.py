@@ -397,3 +397,39 @@ def test_option_errors(tiny_dir):
         OpenVLAPolicy.from_pretrained(tiny_dir, unnorm_key='bridge_orig', quantization='int3')
     with pytest.raises(ConfigError, match='dtype'):
         OpenVLAPolicy.from_pretrained(tiny_dir, unnorm_key='bridge_orig', dtype='float8')
+
+
+def test_docs_precision_table_is_the_quantization_modes():
+    from vla_ros.policy.quant import METHODS
+    text = (Path(__file__).resolve().parent.parent / 'docs' / 'openvla.md').read_text()
+    lines = text.splitlines()
+    start = lines.index('| mode | what is quantized | GPU memory, openvla-7b |')
+    modes = []
+    for line in lines[start + 2:]:
+        if not line.startswith('|'):
+            break
+        modes.append(line.split('|')[1].strip().strip('`'))
+    assert modes == ['none', *METHODS]
+    assert 'predict_batch(images, instructions) -> list[PolicyOutput | ImageError |' in text
+
+
+def test_compile_cache_lives_in_the_user_cache_keyed_by_model(tmp_path, monkeypatch):
+    from vla_ros.policy import cache
+    monkeypatch.setattr(cache, '_folder', None)  # restored afterwards
+    monkeypatch.setenv('VLA_ROS_CACHE_DIR', str(tmp_path / 'c'))
+    monkeypatch.delenv('TORCHINDUCTOR_CACHE_DIR', raising=False)
+    monkeypatch.delenv('TRITON_CACHE_DIR', raising=False)
+    config = tiny_config(tiny_norm_stats(['a']))
+    folder = cache.activate(config, torch.device('cpu'))
+    assert folder.parent == tmp_path / 'c' and folder.is_dir()
+    import os
+    assert os.environ['TORCHINDUCTOR_CACHE_DIR'] == str(folder / 'inductor')
+    # statistics do not change the key, the architecture does
+    same = dict(config, norm_stats={'b': config['norm_stats']['a']})
+    other = dict(config, text_config=dict(config['text_config'], num_hidden_layers=3))
+    cpu = torch.device('cpu')
+    assert cache.cache_key(same, cpu) == cache.cache_key(config, cpu)
+    assert cache.cache_key(other, cpu) != cache.cache_key(config, cpu)
+    monkeypatch.delenv('VLA_ROS_CACHE_DIR')
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    assert cache.cache_root() == tmp_path / 'xdg' / 'vla_ros'
