@@ -238,3 +238,34 @@ def test_property_fk_rotation_is_orthonormal_and_jacobian_consistent(fractions: 
     np.testing.assert_allclose(kin.fk(q)[0], pos)
     assert np.all(np.isfinite(jac))
     assert np.linalg.norm(pos) < 1.4964  # sum of all link offsets
+
+
+def test_link_lowest_is_the_lowest_point_of_each_urdf_shape() -> None:
+    """Analytic lowest points of the link cylinders and boxes against sampled surfaces."""
+    xml = default_urdf_path().read_text(encoding='utf-8')
+    kin = ArmKinematics.from_urdf_string(xml)
+    assert kin.link_shapes == tuple(f'panda_link{i}' for i in range(1, 8)) + ('panda_hand',)
+    model = pin.buildModelFromXML(xml)
+    geometry = pin.buildGeomFromUrdfString(model, xml, pin.GeometryType.VISUAL)
+    data = model.createData()
+    rng = np.random.default_rng(4)
+    for _ in range(10):
+        q = np.clip(kin.neutral() + rng.normal(0.0, 0.8, 7), kin.lower, kin.upper)
+        pin.forwardKinematics(model, data, q)
+        sampled = []
+        for obj in geometry.geometryObjects:
+            if obj.parentJoint == 0:
+                continue
+            pose, shape = data.oMi[obj.parentJoint] * obj.placement, obj.geometry
+            if hasattr(shape, 'halfLength'):
+                th = rng.uniform(0.0, 2.0 * np.pi, 5000)
+                z = rng.choice([-1.0, 1.0], 5000) * shape.halfLength
+                pts = np.stack([shape.radius * np.cos(th), shape.radius * np.sin(th), z], 1)
+            else:
+                h = shape.halfSide
+                pts = np.array([[a * h[0], b * h[1], c * h[2]] for a in (-1, 1)
+                                for b in (-1, 1) for c in (-1, 1)])
+            sampled.append(float(((pose.rotation @ pts.T).T + pose.translation)[:, 2].min()))
+        low = kin.link_lowest(q)
+        assert np.all(low <= np.array(sampled) + 1e-12)  # never above a surface point
+        np.testing.assert_allclose(low, sampled, atol=2e-5)  # and it is the lowest one

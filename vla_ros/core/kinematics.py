@@ -75,12 +75,13 @@ class ArmKinematics:
         n_joints: number of movable joints.
         ee_frame: name of the end-effector frame that ``fk`` and ``jacobian`` describe.
         contact_frames: frames whose positions ``contact_points`` returns (fingertips).
+        link_shapes: the links of the URDF's cylinder and box shapes (``link_lowest``).
         source: where the model came from (a file path or ``'<string>'``), for messages.
 
     """
 
     def __init__(self, model: pin.Model, ee_frame: str, source: str = '<string>',
-                 contact_frames: Sequence[str] = ()) -> None:
+                 contact_frames: Sequence[str] = (), xml: str = '') -> None:
         """Wrap a pinocchio model; prefer ``from_urdf_file`` / ``from_urdf_string``.
 
         Raises:
@@ -134,6 +135,10 @@ class ArmKinematics:
                 f'{source}: contact frames {missing} not found; frames in the model: {frames}')
         self.contact_frames: tuple[str, ...] = tuple(str(f) for f in contact_frames)
         self._contact_ids = [model.getFrameId(f) for f in self.contact_frames]
+        self.link_shapes: tuple[str, ...] = ()
+        self._shapes: list[tuple[int, pin.SE3, tuple]] = []
+        if xml:
+            self._load_shapes(xml)
         self._index = {name: i for i, name in enumerate(self.joint_names)}
         home = np.array(PANDA_HOME, dtype=float)
         if self.n_joints == home.size and bool(np.all((home > self.lower) & (home < self.upper))):
@@ -165,7 +170,7 @@ class ArmKinematics:
             model = pin.buildModelFromXML(xml)
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(f'{source}: not a valid URDF model ({exc})') from exc
-        return cls(model, ee_frame, source, contact_frames)
+        return cls(model, ee_frame, source, contact_frames, xml)
 
     @classmethod
     def from_urdf_file(cls, path: str | Path, ee_frame: str = 'panda_tcp',
@@ -288,6 +293,59 @@ class ArmKinematics:
         pin.forwardKinematics(self._model, self._data, q)
         for k, fid in enumerate(self._contact_ids):
             out[k] = pin.updateFramePlacement(self._model, self._data, fid).translation
+        return out
+
+    def _load_shapes(self, xml: str) -> None:
+        """Keep the URDF's cylinder and box shapes of the moving links (not the base's)."""
+        try:
+            geometry = pin.buildGeomFromUrdfString(self._model, xml, pin.GeometryType.VISUAL)
+        except (ValueError, RuntimeError) as exc:  # shapes are optional: none then
+            logger.warning('%s: no link shapes (%s)', self.source, exc)
+            return
+        names = []
+        for obj in geometry.geometryObjects:
+            shape = obj.geometry
+            if obj.parentJoint == 0:
+                continue  # fixed to the base, which stands on the table
+            if hasattr(shape, 'halfLength'):  # cylinder along its z axis
+                extent = (float(shape.radius), float(shape.halfLength), True)
+            elif hasattr(shape, 'halfSide'):  # box
+                extent = (*(float(v) for v in shape.halfSide), False)
+            else:
+                continue
+            # a geometry's placement is relative to its parent joint
+            self._shapes.append((int(obj.parentJoint), pin.SE3(obj.placement), extent))
+            names.append(str(self._model.frames[obj.parentFrame].name))
+        self.link_shapes = tuple(names)
+
+    def link_lowest(self, q: np.ndarray | Sequence[float]) -> np.ndarray:
+        """Return the height [m] of the lowest point of each link shape (``link_shapes``).
+
+        The shapes are the URDF's ``<visual>`` cylinders and boxes of the links that move with
+        a joint. A cylinder of centre ``c``, axis ``a``, radius ``r`` and half-length ``h`` is
+        lowest at ``c_z - h |a_z| - r sqrt(1 - a_z^2)``; a box of half sides ``s`` at
+        ``c_z - sum_i s_i |R_zi|``.
+
+        Raises:
+            JointStateError: ``q`` has the wrong size or a non-finite entry.
+
+        """
+        q = self._check_q(q)
+        out = np.empty(len(self._shapes))
+        if not self._shapes:
+            return out
+        pin.forwardKinematics(self._model, self._data, q)
+        for k, (joint, placement, extent) in enumerate(self._shapes):
+            pose = self._data.oMi[joint] * placement
+            rz = pose.rotation[2]
+            if extent[2] is True:
+                radius, half = extent[0], extent[1]
+                az = float(rz[2])
+                out[k] = (float(pose.translation[2]) - half * abs(az)
+                          - radius * math.sqrt(max(0.0, 1.0 - az * az)))
+            else:
+                out[k] = float(pose.translation[2]) - sum(
+                    h * abs(float(r)) for h, r in zip(extent[:3], rz, strict=True))
         return out
 
     def jacobian(self, q: np.ndarray | Sequence[float]) -> np.ndarray:

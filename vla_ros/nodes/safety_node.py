@@ -53,7 +53,7 @@ from vla_ros.core.actions import GripperConvention, gripper_closedness
 from vla_ros.core.errors import VlaRosError
 from vla_ros.core.safety import Decision, SafetyConfig, SafetyLimiter, SafetyState, specs
 from vla_ros.core.safety.latch import LatchError, LatchFile, default_latch_path
-from vla_ros.core.safety.shadow import ShadowStats
+from vla_ros.core.safety.shadow import ShadowStats, intervened
 from vla_ros.msg import Episode, SafetyStatus, VlaAction
 from vla_ros.nodes import qos
 from vla_ros.nodes.params import Param, declare
@@ -220,10 +220,12 @@ class SafetyNode(Node):
                 instruction=msg.instruction, frame_id=msg.header.frame_id,
                 token_probs=np.asarray(msg.token_probs), token_margins=np.asarray(
                     msg.token_margins))
-            if decision.accepted:
-                self.shadow_stats.add(decision.twist, self._fresh_reference(now),
-                                      bool(decision.limits_applied))
-            self._publish(decision, force_status=True)  # operators see every action's limits
+            would_be = None
+            if decision.accepted and self.shadow:
+                would_be = self.limiter.would_be(now)
+                self.shadow_stats.add(would_be, self._fresh_reference(now),
+                                      intervened(decision.limits_applied))
+            self._publish(decision, force_status=True, would_be=would_be)  # every action's limits
 
     def _on_joint_state(self, msg: JointState) -> None:
         if self.kinematics is None:
@@ -257,9 +259,14 @@ class SafetyNode(Node):
                           force_status=True)
 
     def _on_wrench(self, msg: WrenchStamped) -> None:
-        f = msg.wrench.force
+        f = np.array([msg.wrench.force.x, msg.wrench.force.y, msg.wrench.force.z])
+        frame = msg.header.frame_id
         with self._lock:
-            decision = self.limiter.on_wrench((f.x, f.y, f.z), self._now())
+            # The threshold needs the norm only; "away from the contact" needs the base frame.
+            in_base = frame == self.frame_id
+            if frame == str(self.p['ee_frame']) and self._ee_rotation is not None:
+                f, in_base = self._ee_rotation @ f, True
+            decision = self.limiter.on_wrench(f, self._now(), in_base_frame=in_base)
             if decision.transition:
                 self._publish(decision, force_status=True)
 
@@ -320,7 +327,7 @@ class SafetyNode(Node):
         with self._lock:
             decision = self.limiter.confirm(self._now())
             self._publish(decision, force_status=True)
-        response.success = decision.state is SafetyState.ACTIVE
+        response.success = decision.event == 'confirm' and 'confirmed' in decision.reason
         response.message = decision.reason
         return response
 
@@ -344,7 +351,8 @@ class SafetyNode(Node):
             self.get_logger().error(f'{exc}: the latch holds in memory only',
                                     throttle_duration_sec=2.0)
 
-    def _publish(self, d: Decision, force_status: bool = False) -> None:
+    def _publish(self, d: Decision, force_status: bool = False,
+                 would_be: np.ndarray | None = None) -> None:
         """Publish the command of ``d`` (zero when not ACTIVE), gripper, status on transitions."""
         self._persist()
         # Stamped with the time the limiter computed the command (its acceleration bound holds
@@ -377,7 +385,7 @@ class SafetyNode(Node):
         if d.gripper is not None and not self.shadow:
             self._grip_pub.publish(Float64(data=float(d.gripper)))
         self._last = d
-        self._audit_write(d)
+        self._audit_write(d, would_be)
         if d.transition or force_status:
             self._publish_status(d)
             if d.transition:
@@ -490,10 +498,15 @@ class SafetyNode(Node):
         array.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(array)
 
-    def _audit_write(self, d: Decision) -> None:
-        """One JSON line per action and per state transition."""
+    def _audit_write(self, d: Decision, would_be: np.ndarray | None = None) -> None:
+        """One JSON line per action and per transition (shadow mode: with the reference)."""
         if self._audit is not None and (d.event == 'action' or d.transition):
-            self._audit.write(json.dumps(d.to_record()) + '\n')
+            record = d.to_record()
+            if would_be is not None:
+                ref = self._fresh_reference(d.time)
+                record['shadow'] = {'would_be': [float(v) for v in would_be],
+                                    'reference': None if ref is None else ref.tolist()}
+            self._audit.write(json.dumps(record) + '\n')
             self._audit.flush()
 
     def destroy_node(self) -> None:

@@ -162,8 +162,8 @@ class SafetyConfig:
         0.0, '', 'An action whose smallest token margin (chosen minus runner-up probability) is '
         'below this is refused with a controlled stop (low confidence; 0 = off)', 0.0, 1.0)
     max_contact_force: float = _spec(
-        0.0, 'N', 'An external force on the tool (wrench input) above this latches a protective '
-        'stop, cleared by reset only (0 = off)', 0.0, 10000.0)
+        30.0, 'N', 'An external force on the tool (wrench input) rising above this latches a '
+        'protective stop, cleared by reset only (0 = off)', 0.0, 10000.0)
     max_external_effort: float = _spec(
         0.0, 'N*m', 'An external joint effort (joint_states.effort) above this latches a '
         'protective stop, cleared by reset only (0 = off; for drivers that publish external '

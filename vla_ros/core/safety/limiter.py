@@ -71,6 +71,12 @@ GRIPPER_UNKNOWN = -1.0
 #: changes the command when it stops the arm).
 OUTPUT_EVENTS = frozenset({'action', 'tick', 'confirm', 'estop', 'halt', 'reset', 'episode'})
 
+#: A contact event ends when the force falls below this fraction of ``max_contact_force``.
+CONTACT_RELEASE = 0.5
+#: During a contact event (after a reset) a force growing to this multiple of the one that
+#: latched latches again.
+CONTACT_RELATCH = 1.5
+
 #: Prefix of the latch reason of a stop caused by an external force or effort.
 PROTECTIVE = 'protective stop'
 
@@ -258,6 +264,9 @@ class SafetyLimiter:
         self._pending: _Pending | None = None
         self._unconfirmed = 0  # step mode: actions since the last confirm (0: the next waits)
         self._min_prob = math.nan  # of the newest action that carried token probabilities
+        # a contact event: (unit force direction in the base frame or None, force that latched)
+        self._contact: tuple[np.ndarray | None, float] | None = None
+        self._effort_event: float | None = None  # the external effort that latched
 
     # ------------------------------------------------------------------ properties
     @property
@@ -400,7 +409,8 @@ class SafetyLimiter:
         prev = self._out
         dt = min(max(0.0, t - self._out_time), self._tick_period)
         horizon = self._period + (max(0.0, t - view.time) if view is not None else 0.0)
-        ctx = Context(self._bounds, prev, dt, horizon, view, kin)
+        ctx = Context(self._bounds, prev, dt, horizon, view, kin,
+                      None if self._contact is None else self._contact[0])
         v, limits, reason = run_stages(OUTPUT_STAGES, self._held.copy(), ctx)
         b = self._bounds
         for sl, accel, name in ((slice(0, 3), b.linear_accel, 'linear'),
@@ -412,6 +422,21 @@ class SafetyLimiter:
                     f'stopped: {", ".join(limits[:-1]) or "the limits"} would need a '
                     f'{name} deceleration above max_{name}_accel'), False
         return v, limits, reason, True
+
+    def would_be(self, now: float) -> np.ndarray:
+        """Return the held target through every output stage but the acceleration ramp.
+
+        That is what the command ramps towards (shadow mode compares it with the reference);
+        zero when nothing is held. ``now`` is not recorded as an input.
+        """
+        t = max(float(now), self._last_now) if math.isfinite(now) else self._last_now
+        view = self._view
+        horizon = self._period + (max(0.0, t - view.time) if view is not None else 0.0)
+        ctx = Context(self._bounds, self._out, 0.0, horizon, view, self.kinematics,
+                      None if self._contact is None else self._contact[0])
+        if self.kinematics is not None and view is None:
+            return _ZERO6
+        return _frozen(run_stages(OUTPUT_STAGES[1:], self._held.copy(), ctx)[0])
 
     def _emit(self, event: str, t: float, prev: SafetyState, **kw: Any) -> Decision:  # noqa: ANN401
         """Compute the command for the held target at ``t`` and return the decision."""
@@ -625,16 +650,32 @@ class SafetyLimiter:
             self._stop('external effort not finite')
             return 'external effort not finite: stopped'
         worst = int(np.argmax(np.abs(e)))
-        if abs(e[worst]) > limit:
+        peak = float(abs(e[worst]))
+        if peak < CONTACT_RELEASE * limit:
+            self._effort_event = None  # the contact event is over
+            return ''
+        # As for the contact force: latch on the rising edge, and again when it grows further.
+        if peak > limit and (self._effort_event is None
+                             or peak > CONTACT_RELATCH * self._effort_event):
+            grown = self._effort_event is not None
+            self._effort_event = peak
             names = self.kinematics.joint_names if self.kinematics is not None else []
             joint = names[worst] if worst < len(names) else f'joint {worst}'
-            self._latch_stop(f'{PROTECTIVE}: external effort {abs(e[worst]):.2f} N*m on {joint} '
-                             f'> max_external_effort {limit} N*m')
+            self._latch_stop(f'{PROTECTIVE}: external effort {peak:.2f} N*m on {joint} > '
+                             f'max_external_effort {limit} N*m'
+                             + (' (pushing further into the contact)' if grown else ''))
             return self._reason
         return ''
 
-    def on_wrench(self, force: object, now: float) -> Decision:
-        """Record the external force on the tool [N]; beyond ``max_contact_force`` latch."""
+    def on_wrench(self, force: object, now: float, *, in_base_frame: bool = True) -> Decision:
+        """Record the external force on the tool [N]; beyond ``max_contact_force`` latch.
+
+        The protective stop latches when the force rises above the threshold. After a reset
+        while the contact lasts (the force stays above ``CONTACT_RELEASE`` times the threshold)
+        only motion along the force, away from the obstacle, is allowed (when the force is given
+        in the base frame), and a force growing to ``CONTACT_RELATCH`` times the one that
+        latched latches again.
+        """
         prev = self._state
         t, bad = self._clock(now)
         if t is None:
@@ -650,9 +691,18 @@ class SafetyLimiter:
             self._stop('contact force unreadable')
             return self._decision('wrench', t, prev, reason='contact force unreadable: stopped')
         n = math.sqrt(float(f @ f))
-        if n > limit:
-            self._latch_stop(f'{PROTECTIVE}: contact force {n:.1f} N > max_contact_force '
-                             f'{limit} N')
+        if n < CONTACT_RELEASE * limit:
+            self._contact = None  # the contact event is over
+        elif self._contact is None or n > CONTACT_RELATCH * self._contact[1]:
+            if n > limit:
+                grown = self._contact is not None
+                self._contact = (f / n if in_base_frame else None, n)
+                self._latch = '' if grown else self._latch
+                self._latch_stop(f'{PROTECTIVE}: contact force {n:.1f} N > max_contact_force '
+                                 f'{limit} N' + (' (pushing further into the contact)'
+                                                 if grown else ''))
+        else:
+            self._contact = (f / n if in_base_frame else None, self._contact[1])
         return self._decision('wrench', t, prev, reason=self._idle_reason()
                               if self._state is SafetyState.ESTOP else '')
 

@@ -6,24 +6,32 @@ stream on a real arm, the scripted expert in the simulator) that is at most
 ``reference_timeout`` old: the per-axis mean absolute error, the direction agreement (the share of
 comparisons in which both move and the linear parts point into the same half-space, and the mean
 cosine between them), and how often the limiter would have intervened (the share of accepted
-actions it changed). ``ShadowStats`` keeps running sums, so the live figures in ``SafetyStatus``
-and the offline report of ``vla-ros shadow-report`` (from the audit log's action records) come
-from the same code.
+actions it changed beyond the acceleration ramp). The would-be twist of an action is
+``SafetyLimiter.would_be``: what the command ramps to. ``ShadowStats`` keeps running sums, so
+the live figures in ``SafetyStatus`` and the offline report of ``vla-ros shadow-report`` (from
+the audit log's action records) come from the same code.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ['ShadowStats', 'report_from_audit']
+__all__ = ['ShadowStats', 'format_report', 'intervened', 'read_audit', 'report_from_audit']
 
 #: A twist part slower than this [m/s or rad/s] counts as not moving for direction agreement.
 MOVING = 1e-3
+
+
+def intervened(limits: Iterable[str]) -> bool:
+    """Whether the limits applied to an action changed it beyond the acceleration ramp."""
+    return any(not x.startswith('accel:') or x.endswith('cannot_brake') for x in limits)
 
 
 @dataclass
@@ -91,5 +99,38 @@ def report_from_audit(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             ref_arr = None if ref is None else np.asarray(ref, dtype=float)
         except (TypeError, ValueError):
             continue
-        stats.add(cmd_arr, ref_arr, bool(r.get('limits_applied')))
+        stats.add(cmd_arr, ref_arr, intervened(r.get('limits_applied') or ()))
     return stats.summary()
+
+
+def read_audit(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return ``report_from_audit`` of an audit-log file; unreadable lines are skipped.
+
+    Raises:
+        OSError: the file cannot be read.
+
+    """
+    records = []
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return report_from_audit(records)
+
+
+def format_report(summary: Mapping[str, Any]) -> str:
+    """Return the figures of ``ShadowStats.summary`` as a few lines for an operator."""
+    err = summary['mean_abs_error']
+    lines = [f"accepted actions: {summary['actions']}, compared with a fresh reference: "
+             f"{summary['samples']} (both moving: {summary['moving_samples']})",
+             'mean |would-be - reference|: ' + ', '.join(
+                 f'{axis} {e:.4f}' for axis, e in zip(('vx', 'vy', 'vz', 'wx', 'wy', 'wz'),
+                                                      err, strict=True))
+             + ' [m/s, rad/s]',
+             f"direction agreement: {summary['direction_agreement']:.3f} (mean cosine "
+             f"{summary['mean_cosine']:.3f})",
+             f"the limiter would have intervened in {summary['intervention_rate']:.3f} of the "
+             'accepted actions']
+    return '\n'.join(lines)

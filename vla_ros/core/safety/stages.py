@@ -6,7 +6,8 @@ once per action (per-axis clamp, Cartesian speed); the *output* stages run on ev
 node publishes, the action's and each re-published tick's, against the newest joint state:
 
 1. ``acceleration``: the command moves from the one in effect by at most ``max_*_accel`` times
-   the time since it (per second, whatever the action rate);
+   the time since it (per second, whatever the action rate); then ``contact_retreat``: while a
+   contact that latched a protective stop lasts (after its reset), only motion away from it;
 2. ``workspace``: per axis, the tool centre point must be able to stop inside the box: its speed
    towards a wall is at most the speed from which, after ``horizon`` seconds at that speed, it
    can still brake to rest within the remaining room at a deceleration the acceleration bound
@@ -17,8 +18,9 @@ node publishes, the action's and each re-published tick's, against the newest jo
    (pseudo-inverse of the Jacobian) within their bounds; near a singularity only motion away
    from it;
 5. ``predicted_step``: the joint step itself, ``q + qd * horizon``, is checked with the full
-   forward kinematics (box and table plane) and the Jacobian there (joint speeds), and the
-   command scaled down until it passes.
+   forward kinematics (box; table plane for the contact frames and the lowest point of every
+   link shape of the URDF) and the Jacobian along it (joint speeds), and the command scaled
+   down until it passes.
 
 Because stages 2-5 brake no harder than the acceleration bound allows, the pipeline's result
 normally keeps the acceleration bound; the limiter checks it once more after the last stage and
@@ -66,6 +68,12 @@ PATH_SAMPLES = (0.125, 0.25, 0.5, 1.0)
 PATH_SPEED_MARGIN = 0.01
 #: Bisection steps of the predicted-step check (the scale is found to 2**-12).
 STEP_BISECTIONS = 12
+#: The stages brake to limits this much inside the configured ones (the box and the table plane
+#: [m], the joint position margins [rad]): the driver's inverse kinematics, its delay and the
+#: arm's compliance are not the limiter's linear prediction, so a hard limit keeps a margin for
+#: them and holds with zero tolerance on the arm (the graph fuzz measures it).
+LINEARIZATION_MARGIN_M = 0.001
+LINEARIZATION_MARGIN_RAD = 0.005
 #: Twist components below this [m/s, rad/s] are zero (denormal noise, not motion).
 FLUSH = 1e-12
 #: The acceleration stage keeps this relative margin below the bound (floating-point rounding).
@@ -81,11 +89,11 @@ class Bounds:
     max_angular_speed: float
     linear_accel: float
     angular_accel: float
-    ws_lo: tuple[float, float, float]
+    ws_lo: tuple[float, float, float]  #: the configured box [m]
     ws_hi: tuple[float, float, float]
     table_z: float  #: lowest allowed height of a contact frame [m]
     singularity_threshold: float
-    q_lo: tuple[float, ...] = ()  #: joint position bounds (limits minus margin)
+    q_lo: tuple[float, ...] = ()  #: joint position bounds (limits minus both margins)
     q_hi: tuple[float, ...] = ()
     qd_max: tuple[float, ...] = ()  #: joint speed bounds
     joint_names: tuple[str, ...] = ()
@@ -95,9 +103,10 @@ class Bounds:
         """Derive the bounds of ``c`` (joint bounds only with ``kin``)."""
         joints: dict[str, tuple] = {}
         if kin is not None:
+            m = c.joint_position_margin + LINEARIZATION_MARGIN_RAD
             joints = dict(
-                q_lo=tuple((kin.lower + c.joint_position_margin).tolist()),
-                q_hi=tuple((kin.upper - c.joint_position_margin).tolist()),
+                q_lo=tuple((kin.lower + m).tolist()),
+                q_hi=tuple((kin.upper - m).tolist()),
                 qd_max=tuple((c.joint_velocity_scale * kin.velocity_limits).tolist()),
                 joint_names=tuple(kin.joint_names))
         return cls(per_axis=np.array(c.max_delta_xyz + c.max_delta_rpy) / c.action_period,
@@ -115,6 +124,7 @@ class JointView:
     q: np.ndarray  #: (n,) joint positions, model order
     position: tuple[float, float, float]  #: tool centre point [m]
     points: np.ndarray  #: (m, 3) contact frame positions [m]
+    links: np.ndarray  #: (k,) lowest height of each link shape [m]
     u: np.ndarray  #: SVD of the 6xn Jacobian: J = u @ diag(s) @ vt
     s: np.ndarray
     vt: np.ndarray
@@ -126,8 +136,8 @@ class JointView:
         pos, _, jac = kin.fk_and_jacobian(q)
         u, s, vt = np.linalg.svd(jac, full_matrices=False)
         x, y, z = (float(v) for v in pos)
-        return cls(q=q, position=(x, y, z), points=kin.contact_points(q), u=u, s=s, vt=vt,
-                   time=time)
+        return cls(q=q, position=(x, y, z), points=kin.contact_points(q),
+                   links=kin.link_lowest(q), u=u, s=s, vt=vt, time=time)
 
     def joint_velocity(self, v: np.ndarray) -> np.ndarray:
         """Return ``pinv(J) @ v`` (the minimum-norm joint velocities of the twist ``v``)."""
@@ -144,6 +154,7 @@ class Context:
     horizon: float = 0.0  #: time the command may stay in force [s]
     view: JointView | None = None
     kinematics: ArmKinematics | None = None
+    contact: np.ndarray | None = None  #: unit contact force on the tool (base frame), if any
 
 
 StageResult = tuple[np.ndarray, list[str], str]
@@ -216,8 +227,25 @@ def acceleration(v: np.ndarray, ctx: Context) -> StageResult:
     return v, limits, ''
 
 
+def contact_retreat(v: np.ndarray, ctx: Context) -> StageResult:
+    """While a contact lasts, only linear motion along the contact force (away), no rotation."""
+    n = ctx.contact
+    if n is None or not v.any():
+        return v, [], ''
+    out = np.zeros(6)
+    out[:3] = max(0.0, float(v[:3] @ n)) * n
+    if np.array_equal(out, v):
+        return v, [], ''
+    reason = '' if out.any() else 'in contact: only motion away from it is allowed'
+    return out, ['contact:retreat_only'], reason
+
+
 def workspace(v: np.ndarray, ctx: Context) -> StageResult:
-    """Per axis, keep the predicted stop of the tool centre point inside the box."""
+    """Per axis, keep the predicted stop of the tool centre point inside the box.
+
+    The stop must fall ``LINEARIZATION_MARGIN_M`` inside the box; outside the box itself only
+    motion straight back is allowed.
+    """
     view, b = ctx.view, ctx.bounds
     if view is None:
         return v, [], ''
@@ -238,12 +266,14 @@ def workspace(v: np.ndarray, ctx: Context) -> StageResult:
             continue
         w = float(v[i])
         if w > 0.0:
-            allowed = brake_speed(b.ws_hi[i] - pos[i], ctx.horizon, decel)
+            allowed = brake_speed(b.ws_hi[i] - LINEARIZATION_MARGIN_M - pos[i], ctx.horizon,
+                                  decel)
             if w > allowed:
                 v[i] = allowed
                 limits.append(f'workspace:{AXES[i]}_max')
         elif w < 0.0:
-            allowed = brake_speed(pos[i] - b.ws_lo[i], ctx.horizon, decel)
+            allowed = brake_speed(pos[i] - b.ws_lo[i] - LINEARIZATION_MARGIN_M, ctx.horizon,
+                                  decel)
             if -w > allowed:
                 v[i] = -allowed
                 limits.append(f'workspace:{AXES[i]}_min')
@@ -266,7 +296,7 @@ def table_plane(v: np.ndarray, ctx: Context) -> StageResult:
         return v, [], ''
     offsets = view.points - np.asarray(view.position)
     down = _downward(v, offsets)
-    room = view.points[:, 2] - b.table_z
+    room = view.points[:, 2] - b.table_z - LINEARIZATION_MARGIN_M
     rate = scale_rate(v, b)
     scale = 1.0
     worst = -1
@@ -354,7 +384,7 @@ def _step_check(v: np.ndarray, view: JointView, kin: ArmKinematics, ctx: Context
         if inside[i] and not b.ws_lo[i] <= pos[i] <= b.ws_hi[i]:
             return 'workspace', math.inf
     if above.any():
-        z = kin.contact_points(q_next)[:, 2]
+        z = np.concatenate([kin.contact_points(q_next)[:, 2], kin.link_lowest(q_next)])
         if (z[above] < b.table_z).any():
             return 'table', math.inf
     qd_max = np.asarray(b.qd_max) * (1.0 - PATH_SPEED_MARGIN)
@@ -378,7 +408,7 @@ def predicted_step(v: np.ndarray, ctx: Context) -> StageResult:
     if view is None or kin is None or not v.any():
         return v, [], ''
     inside = [lo <= p <= hi for p, lo, hi in zip(view.position, b.ws_lo, b.ws_hi, strict=True)]
-    above = view.points[:, 2] >= b.table_z if len(view.points) else np.zeros(0, dtype=bool)
+    above = np.concatenate([view.points[:, 2], view.links]) >= b.table_z
     what, ratio = _step_check(v, view, kin, ctx, inside, above)
     if not what:
         return v, [], ''
@@ -402,7 +432,8 @@ def predicted_step(v: np.ndarray, ctx: Context) -> StageResult:
 #: Stages applied once to an action's twist; the result is held as the target.
 TARGET_STAGES: tuple[Stage, ...] = (per_axis_clamp, cartesian_speed)
 #: Stages applied to the target for every published command, in order.
-OUTPUT_STAGES: tuple[Stage, ...] = (acceleration, workspace, table_plane, joints, predicted_step)
+OUTPUT_STAGES: tuple[Stage, ...] = (acceleration, contact_retreat, workspace, table_plane, joints,
+                                    predicted_step)
 
 
 def run_stages(stages: Sequence[Stage], v: np.ndarray, ctx: Context) -> StageResult:
