@@ -81,6 +81,7 @@ def _window(g: TwoHostGraph, start: int, end: int) -> dict:
                               'min': min(latency, default=None)},
         'moving_twist_share': len(moving) / len(twists) if twists else None,
         'stale_motion': len(stale_motion(rec, g.limits, start, end)),
+        'load_1min': os.getloadavg()[0],  # the machine's, other work included
     }
 
 

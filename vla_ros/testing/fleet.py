@@ -30,6 +30,15 @@ from vla_ros.testing.probe_node import Recording
 
 #: UDP port of the discovery server (the fastdds CLI's default).
 SERVER_PORT = 11811
+
+#: The commands docs/fleet.md shows, as this graph runs them ({robot}: the robot host's address;
+#: ``vla-ros`` runs as ``python -m vla_ros.cli``, with ``--quiet --duration`` added).
+SERVER_COMMAND = ('fastdds', 'discovery', '-i', '0', '-l', '{robot}', '-p', str(SERVER_PORT))
+ROBOT_COMMAND = ('vla-ros', 'bringup', '--sim', '--arg', 'role:=robot')
+INFERENCE_COMMAND = ('vla-ros', 'bringup', '--arg', 'role:=inference')
+#: The environment both hosts set for every process (the profile as its share-folder name).
+FLEET_VARIABLES = (('ROS_DISCOVERY_SERVER', f'{{robot}}:{SERVER_PORT}'),
+                   ('FASTDDS_DEFAULT_PROFILES_FILE', 'config/fastdds_fleet.xml'))
 #: Import torch and load the checkpoint on a busy 2-core machine.
 START_TIMEOUT = 120.0
 #: Slack for what one host sees a few ms after another (recorder vs safety node receipt).
@@ -122,16 +131,16 @@ class TwoHostGraph:
     def start(self) -> None:
         """Start everything; return when the VLA node is active and the safety node publishes."""
         self.discovery = self.robot.spawn(
-            'fastdds', 'discovery', '-i', '0', '-l', self.robot.address,
-            '-p', str(SERVER_PORT), env=self.env, name='discovery_server')
+            *(a.format(robot=self.robot.address) for a in SERVER_COMMAND), env=self.env,
+            name='discovery_server')
         assert self.discovery.wait_for_output('Server started', 30), self.discovery.output
-        bringup = ['vla_ros.cli', 'bringup', '--quiet', '--duration', '900']
+        quiet = ('--quiet', '--duration', '900')
+        safety = ('--arg', f'safety_config:={self.safety_yaml}') if self.safety_yaml else ()
         self.robot_side = self.robot.node_process(
-            bringup[0], [*bringup[1:], '--sim', '--arg', 'role:=robot',
-                         *(('--arg', f'safety_config:={self.safety_yaml}')
-                           if self.safety_yaml else ())], env=self.env, name='robot_side')
+            'vla_ros.cli', [*ROBOT_COMMAND[1:], *quiet, *safety], env=self.env,
+            name='robot_side')
         self.inference_side = self.inference.node_process(
-            bringup[0], [*bringup[1:], '--arg', 'role:=inference'], env=self.env,
+            'vla_ros.cli', [*INFERENCE_COMMAND[1:], *quiet], env=self.env,
             name='inference_side')
         self.recorder = self.robot.node_process(
             'vla_ros.testing.probe_node', ['record', '--out', str(self._record)], env=self.env,
@@ -241,3 +250,58 @@ def frame_to_twist_ms(rec: Recording, start_ns: int = 0,
                 if s['state'] == 1:  # ACTIVE: the twist of this action went out
                     yield (s['s'] - a['s']) * 1e-6
                 break
+
+
+# ------------------------------------------------------------------------------ figures
+#: Row labels of the figures table, by bench phase.
+PHASE_LABELS = {
+    'baseline': 'clean link', 'delay_100ms': '100 ms each way', 'delay_200ms': '200 ms each way',
+    'loss_10pct': '10 % loss', 'delay_200ms_loss_10pct': '200 ms each way + 10 % loss',
+}
+
+
+def figures_table(result: dict) -> list[str]:
+    """The markdown table docs/fleet.md shows for one bench_two_hosts.py result."""
+    def ms(x: float | None) -> str:
+        return '-' if x is None else f'{x:.0f}'
+
+    def s(x: float | None) -> str:
+        return '-' if x is None else f'{x:.2f}'
+
+    rows = ['| phase | actions/s | frame age on arrival p50 [ms] | passed by the limiter '
+            '| frame -> twist p50 [ms] | twists moving the arm | moving again after [s] '
+            '| load |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    runs = [('', result['two_hosts'])]
+    if 'one_host' in result:
+        runs.append(('one host: ', result['one_host']))
+    for prefix, run in runs:
+        for name, label in PHASE_LABELS.items():
+            r = run.get(name)
+            if r is None:
+                continue
+            share = r['moving_twist_share']
+            rows.append(
+                f'| {prefix}{label} | {r["action_rate_hz"]:.1f} '
+                f'| {ms(r["frame_age_on_arrival_ms"]["p50"])} '
+                f'| {r["actions_passed"]} of {r["actions_received"]} '
+                f'| {ms(r["frame_to_twist_ms"]["p50"])} '
+                f'| {"-" if share is None else f"{share:.0%}"} '
+                f'| {s(r["moving_again_after_s"])} | {r["load_1min"]:.1f} |')
+    down = result['two_hosts'].get('link_down')
+    if down is not None:
+        rows.append(f'| link down {down["held_s"]:.0f} s | 0 while down | - | - | - '
+                    f'| last {s(down["last_motion_after_cut_s"])} s after the cut '
+                    f'(bound {s(down["bound_s"])}) | {s(down["moving_again_after_s"])} | |')
+    return rows
+
+
+def round_trip_table(result: dict) -> list[str]:
+    """The markdown table of the within-a-host round trips of one result, per profile."""
+    trips = result.get('shm_round_trips', {})
+    rows = ['| profile | 224x224 observation round trip p50 / p90 [ms] '
+            '| 640x480 image round trip p50 / p90 [ms] |', '| --- | --- | --- |']
+    for profile, kinds in trips.items():
+        cells = [f'{kinds[k]["rtt_p50_ms"]:.1f} / {kinds[k]["rtt_p90_ms"]:.1f}'
+                 for k in ('observation', 'image')]
+        rows.append(f'| `{profile}` | {cells[0]} | {cells[1]} |')
+    return rows
