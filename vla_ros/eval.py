@@ -233,7 +233,12 @@ def format_report(summaries: Sequence[TaskSummary], title: str = '') -> str:
 # Policies as functions of (image, instruction, state)
 # --------------------------------------------------------------------------------------------
 
-PolicyFn = Callable[[np.ndarray, str, WorldState, Task], tuple[np.ndarray, float]]
+#: ``policy(image, instruction, state, task) -> (raw 7D action, inference ms, confidence)``;
+#: confidence is ``(token_probs, token_margins)`` of the 7 action tokens, or None for the
+#: scripted baselines, which the confidence gate takes as certain.
+PolicyFn = Callable[[np.ndarray, str, WorldState, Task],
+                    tuple[np.ndarray, float, tuple[np.ndarray, np.ndarray] | None]]
+CERTAIN = (np.ones(7), np.ones(7))
 
 
 def _load_vla(config: EvalConfig) -> Any:
@@ -244,28 +249,29 @@ def _load_vla(config: EvalConfig) -> Any:
 
 
 def make_policy(name: str, config: EvalConfig, vla: Any = None) -> PolicyFn:
-    """Return ``policy(image, instruction, state, task) -> (raw 7D action, inference ms)``."""
+    """Return a ``PolicyFn``: ``(raw 7D action, inference ms, confidence or None)``."""
     if name == 'vla':
         policy = vla if vla is not None else _load_vla(config)
 
         def run_vla(image: np.ndarray, instruction: str, state: WorldState,
-                    task: Task) -> tuple[np.ndarray, float]:
+                    task: Task) -> tuple[np.ndarray, float, tuple[np.ndarray, np.ndarray]]:
             out = policy.predict(image, instruction)
-            return np.array(out.action, dtype=float), float(out.timings.get('total', math.nan))
+            return (np.array(out.action, dtype=float), float(out.timings.get('total', math.nan)),
+                    (out.token_probs, out.token_margins))
         return run_vla
     if name == 'expert':
         def run_expert(image: np.ndarray, instruction: str, state: WorldState,
-                       task: Task) -> tuple[np.ndarray, float]:
+                       task: Task) -> tuple[np.ndarray, float, None]:
             start = time.perf_counter()
             action = expert_action(task, state)
-            return action, (time.perf_counter() - start) * 1e3
+            return action, (time.perf_counter() - start) * 1e3, None
         return run_expert
     if name == 'random':
         rng = np.random.default_rng(config.random_seed)
 
         def run_random(image: np.ndarray, instruction: str, state: WorldState,
-                       task: Task) -> tuple[np.ndarray, float]:
-            return random_action(rng), 0.0
+                       task: Task) -> tuple[np.ndarray, float, None]:
+            return random_action(rng), 0.0, None
         return run_random
     raise ConfigError(f'unknown policy {name!r}; choose from {POLICIES}')
 
@@ -306,7 +312,8 @@ def run_episode(world: World, limiter: SafetyLimiter, policy: PolicyFn, task: Ta
 
     for step in range(config.steps_for(task)):
         image = preprocess(world.observe(), config.image)
-        action, ms = policy(image, task.instruction, world.state(), task)
+        action, ms, confidence = policy(image, task.instruction, world.state(), task)
+        probs, margins = CERTAIN if confidence is None else confidence
         result.inference_ms.append(ms)
         result.actions += 1
         closed = gripper_closedness(float(action[6]), config.gripper_convention) \
@@ -314,7 +321,8 @@ def run_episode(world: World, limiter: SafetyLimiter, policy: PolicyFn, task: Ta
         limiter.on_camera_frame(now, now)
         limiter.on_joint_state(world.arm.q, now, now)
         decision = limiter.on_action(action, closed, episode_id, now, now,
-                                     instruction=task.instruction, frame_id=s.frame_id)
+                                     instruction=task.instruction, frame_id=s.frame_id,
+                                     token_probs=probs, token_margins=margins)
         track(decision)
         step_limits = set(decision.limits_applied)
         if decision.gripper is not None:
@@ -476,6 +484,8 @@ class _GraphEvaluator:
         msg = self._VlaAction()
         msg.header = obs.header
         msg.header.frame_id = self.config.safety.frame_id  # the delta's frame, as vla_node does
+        msg.token_probs = np.ones(7, dtype=np.float32)  # a scripted policy is certain
+        msg.token_margins = np.ones(7, dtype=np.float32)
         msg.episode_id = obs.episode_id
         msg.delta = np.asarray(action, dtype=np.float64)
         msg.inference_ms = float((time.perf_counter() - start) * 1e3)
