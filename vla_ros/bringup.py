@@ -153,6 +153,7 @@ def node_specs(values: Mapping[str, str] | None = None) -> list[NodeSpec]:
                  remappings=(('twist', args['servo_topic']),
                              ('pose_target', '/servo_node/pose_target_cmds'),
                              ('joint_states', args['joint_states_topic']),
+                             ('wrench', '/wrench'),  # the arm's tool wrench (contact stop)
                              ('diagnostics', '/diagnostics'))),
     ]
     if args['use_sim'] == 'true':
