@@ -9,12 +9,13 @@ of the raw codes, not to every weight:
 floating-point work per weight beyond the conversion. On Hopper the conversion is four logic
 instructions per eight codes (each code OR-ed into the mantissa of the bf16 number 128, giving
 ``128 + q`` exactly, two codes per 32-bit register); elsewhere, and where that inline assembly
-fails its self-check, plain integer-to-bf16 conversions. For many rows (the prefill) the same
-kernel competes with "dequantize into a bf16 scratch, then cuBLAS"; for one row, with a
-CUDA-core GEMV. Which one runs, and with which tile sizes and split of K (few output rows, long
-K: more programs than SMs), is decided per shape by timing the candidates at first use (outside
-graph capture) and remembered in the tuning cache (``vla_ros.policy.cache``), so a restart
-does not time them again.
+fails its self-check, plain integer-to-bf16 conversions (the inline assembly is an eight-
+instruction PTX block; the prmt/lop3 trick is the standard one for int4 -> half types). For many
+rows (the prefill) the same kernel competes with "dequantize into a bf16 scratch, then cuBLAS".
+Which one runs, and with which tiles, is decided per shape by timing the candidates at first use
+(outside graph capture, with the L2 flushed) and remembered in the tuning cache
+(``vla_ros.policy.cache``), so a restart does not time them again. Few output rows and a long K
+split K (``split_for``) so that the grid fills the SMs.
 
 Layout (chosen for these kernels):
 
@@ -150,8 +151,7 @@ if triton is not None:
 
     @triton.jit
     def _group_step(acc, w_rows, x_rows, s_ptr, m_ptr, g, valid, N, rn, nmask, mmask,
-                    GROUP: tl.constexpr, USE_ASM: tl.constexpr, DOT_F32: tl.constexpr,
-                    W_LHS: tl.constexpr):
+                    GROUP: tl.constexpr, USE_ASM: tl.constexpr, DOT_F32: tl.constexpr):
         """Add group g's product to acc: scale * (codes @ x^T) + (offset - bias*scale) * sum(x)."""
         HALF: tl.constexpr = GROUP // 2
         b = tl.load(w_rows + g * HALF, mask=nmask[:, None] & valid, other=0)
@@ -166,21 +166,16 @@ if triton is not None:
         if DOT_F32:  # Triton's interpreter multiplies bf16 tiles wrongly; fp32 there
             lo, hi = lo.to(tl.float32), hi.to(tl.float32)
             xlo, xhi = xlo.to(tl.float32), xhi.to(tl.float32)
-        if W_LHS:  # acc[n, m]: the weight tile is the wide left operand
-            d = tl.dot(lo, tl.trans(xlo))
-            d = tl.dot(hi, tl.trans(xhi), d)
-            acc += s[:, None] * d + o[:, None] * xs[None, :]
-        else:  # acc[m, n]
-            d = tl.dot(xlo, tl.trans(lo))
-            d = tl.dot(xhi, tl.trans(hi), d)
-            acc += d * s[None, :] + xs[:, None] * o[None, :]
-        return acc
+        # acc[n, m]: the weight tile is the wide left operand
+        d = tl.dot(lo, tl.trans(xlo))
+        d = tl.dot(hi, tl.trans(xhi), d)
+        return acc + s[:, None] * d + o[:, None] * xs[None, :]
 
     @triton.jit
     def _mm_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, M, N, K, stride_xm, GROUPS_PER_SPLIT,
                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                    USE_ASM: tl.constexpr, PARTIALS: tl.constexpr, DOT_F32: tl.constexpr,
-                   GPI: tl.constexpr = 1, W_LHS: tl.constexpr = True):
+                   GPI: tl.constexpr = 1):
         # Program (n, m, s): BLOCK_N weight rows x BLOCK_M activation rows over the groups of
         # split s, GPI groups per loop iteration (more bytes in flight per program).
         HALF: tl.constexpr = GROUP // 2
@@ -194,59 +189,19 @@ if triton is not None:
         mmask = rm < M
         g_begin = pid_s * GROUPS_PER_SPLIT
         g_end = tl.minimum(g_begin + GROUPS_PER_SPLIT, K // GROUP)
-        if W_LHS:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         w_rows = qw_ptr + rn[:, None] * (K // 2) + rh[None, :]
         x_rows = x_ptr + rm[:, None] * stride_xm + rh[None, :]
         for g0 in range(g_begin, g_end, GPI):
             for j in tl.static_range(GPI):
                 acc = _group_step(acc, w_rows, x_rows, s_ptr, m_ptr, g0 + j, g0 + j < g_end, N,
-                                  rn, nmask, mmask, GROUP, USE_ASM, DOT_F32, W_LHS)
-        if W_LHS:
-            offs = rm[None, :] * N + rn[:, None]
-            out_mask = nmask[:, None] & mmask[None, :]
-        else:
-            offs = rm[:, None] * N + rn[None, :]
-            out_mask = mmask[:, None] & nmask[None, :]
+                                  rn, nmask, mmask, GROUP, USE_ASM, DOT_F32)
+        offs = rm[None, :] * N + rn[:, None]
+        out_mask = nmask[:, None] & mmask[None, :]
         if PARTIALS:  # fp32 partial sums y[split, m, n], summed by the caller
             tl.store(y_ptr + pid_s * M * N + offs, acc, mask=out_mask)
         else:
             tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-
-    @triton.jit
-    def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, N, K, GROUPS_PER_SPLIT,
-                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
-        # One activation row on the CUDA cores. Codes are read as int32 words (byte t of word
-        # j of a group holds columns 4j+t and HALF+4j+t) and made floats by OR-ing them into
-        # the mantissa of 2^23 (exact, no conversion instruction). Partials y[split, n] fp32.
-        HALF: tl.constexpr = GROUP // 2
-        WORDS: tl.constexpr = HALF // 4
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = rn < N
-        rj = tl.arange(0, WORDS)
-        g_begin = pid_s * GROUPS_PER_SPLIT
-        g_end = tl.minimum(g_begin + GROUPS_PER_SPLIT, K // GROUP)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for g in range(g_begin, g_end):
-            w = tl.load(qw_ptr + rn[:, None] * (K // 8) + g * WORDS + rj[None, :],
-                        mask=nmask[:, None], other=0)
-            p = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-            xs = tl.zeros((WORDS,), dtype=tl.float32)
-            for t in tl.static_range(4):
-                xlo = tl.load(x_ptr + g * GROUP + 4 * rj + t).to(tl.float32)
-                xhi = tl.load(x_ptr + g * GROUP + HALF + 4 * rj + t).to(tl.float32)
-                clo = (((w >> (8 * t)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-                chi = (((w >> (8 * t + 4)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-                p += (clo - 8388608.0) * xlo[None, :] + (chi - 8388608.0) * xhi[None, :]
-                xs += xlo + xhi
-            s = tl.load(s_ptr + g * N + rn, mask=nmask, other=0.0).to(tl.float32)
-            o = tl.load(m_ptr + g * N + rn, mask=nmask, other=0.0).to(tl.float32)
-            acc += tl.sum(p, axis=1) * s + tl.sum(xs, axis=0) * o
-        tl.store(y_ptr + pid_s * N + rn, acc, mask=nmask)
 
     @triton.jit
     def _dequant_kernel(qw_ptr, s_ptr, m_ptr, w_ptr, N, K, stride_s, GROUP: tl.constexpr,
@@ -318,8 +273,7 @@ def _use_asm(device: torch.device) -> bool:
 
 
 def _fused(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, split: int,
-           block_n: int, block_m: int, warps: int, stages: int, gpi: int = 1,
-           w_lhs: bool = True) -> Tensor:
+           block_n: int, block_m: int, warps: int, stages: int, gpi: int = 1) -> Tensor:
     m, k = x2.shape
     n = qweight.shape[0]
     groups = scales.shape[0]
@@ -333,23 +287,8 @@ def _fused(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, split: 
     _mm_kernel[grid](x2, qweight, scales, offsets, y, m, n, k, x2.stride(0), per_split,
                      GROUP=k // groups, BLOCK_N=block_n, BLOCK_M=block_m,
                      USE_ASM=_use_asm(x2.device), PARTIALS=partials, DOT_F32=_INTERPRET,
-                     GPI=gpi, W_LHS=w_lhs, num_warps=warps, num_stages=stages)
+                     GPI=gpi, num_warps=warps, num_stages=stages)
     return y
-
-
-def _gemv(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, split: int,
-          block_n: int, warps: int) -> Tensor:
-    k = x2.shape[1]
-    n = qweight.shape[0]
-    groups = scales.shape[0]
-    per_split = -(-groups // split)
-    y = torch.empty(split, n, device=x2.device, dtype=torch.float32)
-    if per_split * (split - 1) >= groups:
-        y.zero_()
-    _gemv_kernel[(triton.cdiv(n, block_n), split)](
-        x2, qweight.view(torch.int32), scales, offsets, y, n, k, per_split,
-        GROUP=k // groups, BLOCK_N=block_n, num_warps=warps)
-    return y.view(split, 1, n) if split > 1 else y.view(1, n).to(x2.dtype)
 
 
 def _dequant_into(qweight: Tensor, scales: Tensor, offsets: Tensor, w: Tensor) -> Tensor:
@@ -368,45 +307,6 @@ def dequantize_triton(qweight: Tensor, scales: Tensor, offsets: Tensor,
     n, k = qweight.shape[0], qweight.shape[1] * 2
     return _dequant_into(qweight, scales, offsets,
                          torch.empty(n, k, device=qweight.device, dtype=dtype))
-
-
-_SIDE_STREAMS: dict[str, torch.cuda.Stream] = {}
-
-
-def _dequant_overlapped(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor,
-                        chunks: int = 4) -> Tensor:
-    """Dequantize + cuBLAS by row chunks, the dequantization overlapped with the products.
-
-    Chunk i+1 is dequantized on a side stream during chunk i's product (two scratch buffers),
-    so the bandwidth-bound dequantization hides under the compute-bound GEMM. Computes
-    ``(W x^T)^T`` so that each chunk's output rows are contiguous.
-    """
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    rows = -(-n // chunks)
-    dev = x2.device
-    key = str(dev)
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(dev)
-    side, main = _SIDE_STREAMS[key], torch.cuda.current_stream(dev)
-    y_t = torch.empty(n, x2.shape[0], device=dev, dtype=x2.dtype)
-    bufs = [torch.empty(rows, k, device=dev, dtype=x2.dtype) for _ in range(2)]
-    used: list[torch.cuda.Event | None] = [None, None]
-    side.wait_stream(main)
-    for i, a in enumerate(range(0, n, rows)):
-        b = min(n, a + rows)
-        buf = bufs[i % 2][:b - a]
-        ready = torch.cuda.Event()
-        with torch.cuda.stream(side):
-            if used[i % 2] is not None:
-                side.wait_event(used[i % 2])
-            _dequant_into(qweight[a:b], scales[:, a:b], offsets[:, a:b], buf)
-            ready.record(side)
-        main.wait_event(ready)
-        torch.mm(buf, x2.t(), out=y_t[a:b])
-        used[i % 2] = torch.cuda.Event()
-        used[i % 2].record(main)
-    main.wait_stream(side)
-    return y_t.t().contiguous()
 
 
 _SMS: dict[str, int] = {}
@@ -436,28 +336,25 @@ def output_shape(m: int, n: int, split: int) -> tuple[int, ...]:
 
 def candidates(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor,
                split: int) -> dict[str, Callable[[], Tensor]]:
-    """The ways to compute this product on CUDA, by name; the first is the untimed default."""
+    """The ways to compute this product on CUDA, by name; the first is the untimed default.
+
+    What survived the H200 measurements (bench/NOTES.md): for skinny products the fused kernel
+    with 64-row tiles, one group per iteration (or four, for more rows in flight); for the
+    prefill, dequantize + cuBLAS and the fused kernel with 128x128 tiles (each wins some
+    shapes). A CUDA-core GEMV, the other operand orientation, larger skinny tiles and a
+    dequantization overlapped with cuBLAS on a side stream were slower everywhere and were
+    removed.
+    """
     m = x2.shape[0]
-    out: dict[str, Callable[[], Tensor]] = {}
     if m <= SKINNY_ROWS:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        for bn, warps, stages, gpi, w_lhs in ((64, 4, 4, 2, True), (64, 4, 4, 1, True),
-                                              (64, 4, 3, 4, True), (128, 8, 4, 2, True),
-                                              (64, 4, 4, 2, False), (128, 4, 3, 2, False)):
-            name = f'fused_n{bn}_m{bm}_w{warps}_s{stages}_g{gpi}' + ('' if w_lhs else '_xlhs')
-            out[name] = functools.partial(_fused, x2, qweight, scales, offsets, split, bn, bm,
-                                          warps, stages, gpi, w_lhs)
-        if m == 1:
-            out['gemv_n16_w4'] = functools.partial(_gemv, x2, qweight, scales, offsets, split,
-                                                   16, 4)
-    else:
-        out['dequant_cublas'] = lambda: F.linear(
-            x2, dequantize_triton(qweight, scales, offsets, x2.dtype))
-        out['dequant_cublas_overlap4'] = functools.partial(_dequant_overlapped, x2, qweight,
-                                                           scales, offsets, 4)
-        out['fused_n128_m128_w8_s3'] = functools.partial(_fused, x2, qweight, scales, offsets,
-                                                         1, 128, 128, 8, 3)
-    return out
+        return {f'fused_n64_m{bm}_w4_s{st}_g{g}': functools.partial(
+            _fused, x2, qweight, scales, offsets, split, 64, bm, 4, st, g)
+            for st, g in ((4, 1), (3, 4))}
+    return {'dequant_cublas': lambda: F.linear(
+                x2, dequantize_triton(qweight, scales, offsets, x2.dtype)),
+            'fused_n128_m128_w8_s3': functools.partial(_fused, x2, qweight, scales, offsets,
+                                                       1, 128, 128, 8, 3)}
 
 
 def int4_matmul_reference(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor,
@@ -476,16 +373,9 @@ def int4_matmul_reference(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: 
 
 
 def fused_triton(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, split: int = 1,
-                 block_n: int = 64, block_m: int = 16, gpi: int = 1,
-                 w_lhs: bool = True) -> Tensor:
+                 block_n: int = 64, block_m: int = 16, gpi: int = 1) -> Tensor:
     """The fused kernel with given tiles (no tuning), e.g. for ``TRITON_INTERPRET=1`` tests."""
-    return _fused(x2, qweight, scales, offsets, split, block_n, block_m, 4, 2, gpi, w_lhs)
-
-
-def gemv_triton(x2: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor, split: int = 1,
-                block_n: int = 16) -> Tensor:
-    """The CUDA-core GEMV (one row) with given tiles, e.g. for ``TRITON_INTERPRET=1`` tests."""
-    return _gemv(x2, qweight, scales, offsets, split, block_n, 4)
+    return _fused(x2, qweight, scales, offsets, split, block_n, block_m, 4, 2, gpi)
 
 
 @torch.library.custom_op('vla_ros::int4_mm', mutates_args=())
