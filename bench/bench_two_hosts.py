@@ -178,6 +178,8 @@ def main() -> int:
                         help='Fast DDS profile of every process (config/fastdds_fleet.xml)')
     parser.add_argument('--no-one-host', action='store_true',
                         help='skip the one-host reference run')
+    parser.add_argument('--keep', type=Path, default=None, metavar='DIR',
+                        help='keep the recordings (JSON lines) in DIR')
     parser.add_argument('--phases', default=','.join(p[0] for p in PHASES),
                         help='comma list of phases to run (the link-down phase always runs)')
     opts = parser.parse_args()
@@ -198,7 +200,8 @@ def main() -> int:
     }
     with tempfile.TemporaryDirectory(prefix='bench_two_hosts_') as tmp_name, \
             reserved_domain() as domain_id:
-        tmp = Path(tmp_name)
+        tmp = opts.keep or Path(tmp_name)
+        tmp.mkdir(parents=True, exist_ok=True)
         safety_yaml = safety_config(tmp / 'safety.yaml', **overrides)
         profile = opts.profile.resolve()
         result['safety_limits'] = vars(Limits.of(safety_yaml))

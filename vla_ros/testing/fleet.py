@@ -191,7 +191,10 @@ def stale_motion(rec: Recording, limits: Limits, start_ns: int = 0,
     loss the recorder, a reader of its own, may get an action later than the safety node or
     not at all, so the newest frame stamp and receipt the safety node reports (its status ages)
     count too -- but only when that stamp is one of a camera frame the recorder saw on the
-    robot host (frames travel there in shared memory, without loss).
+    robot host (frames travel there in shared memory, without loss). Any status from one stop
+    bound before the twist to SLACK_NS after it counts: the safety node publishes an action's
+    status just after its twist, in the same callback (on a busy machine some ms later), and a
+    stale action that arrives next moves the reported frame stamp back.
     """
     actions = sorted(rec.actions, key=lambda a: a['t'])
     receipts = [a['t'] for a in actions]
@@ -206,16 +209,16 @@ def stale_motion(rec: Recording, limits: Limits, start_ns: int = 0,
         n = bisect.bisect_right(receipts, t + SLACK_NS)
         newest_stamp = max((a['s'] for a in actions[:n]), default=-1)
         newest_receipt = receipts[n - 1] if n else -1
-        k = bisect.bisect_right(status_times, t + 1_000_000)
-        if k:
-            held = statuses[k - 1]
-            if held['camera_age'] >= 0 and held['action_age'] >= 0:
-                stamp = held['s'] - int(held['camera_age'] * 1e9)
-                i = bisect.bisect_left(stamps, stamp - 5_000_000)
-                if i < len(stamps) and stamps[i] <= stamp + 5_000_000:  # a real frame's
-                    newest_stamp = max(newest_stamp, stamp)
-                    newest_receipt = max(newest_receipt,
-                                         held['s'] - int(held['action_age'] * 1e9))
+        lo = bisect.bisect_right(status_times, t - limits.stop_bound_ns)
+        hi = bisect.bisect_right(status_times, t + SLACK_NS)
+        for held in statuses[lo:hi]:
+            if held['camera_age'] < 0 or held['action_age'] < 0:
+                continue
+            stamp = held['s'] - int(held['camera_age'] * 1e9)
+            i = bisect.bisect_left(stamps, stamp - 5_000_000)
+            if i < len(stamps) and stamps[i] <= stamp + 5_000_000:  # a real frame's
+                newest_stamp = max(newest_stamp, stamp)
+                newest_receipt = max(newest_receipt, held['s'] - int(held['action_age'] * 1e9))
         fresh = newest_stamp >= t - limits.camera_timeout * 1e9 - SLACK_NS
         recent = newest_receipt >= t - limits.stop_bound_ns - SLACK_NS
         if not (fresh and recent):
