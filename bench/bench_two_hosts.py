@@ -14,8 +14,9 @@ on that host what the profile's fragment size costs within a host (``shm_round_t
 
     .venv/bin/python bench/bench_two_hosts.py --out bench/results/two_hosts.json   # as root
 
-Safety limits: config/safety_node.yaml, except stop detection (``still_count: 0``, so that the
-episode does not end while faults are measured); ``--safety name=value`` overrides more. The
+Safety limits: config/safety_node.yaml, except what would end or pause the episode near its goal
+while faults are measured (stop detection ``still_count``, ``min_token_prob``,
+``max_contact_force``: all off); ``--safety name=value`` overrides more. The
 figures depend on the CPU load: the JSON records the load average before and after.
 """
 
@@ -183,7 +184,9 @@ def main() -> int:
     parser.add_argument('--phases', default=','.join(p[0] for p in PHASES),
                         help='comma list of phases to run (the link-down phase always runs)')
     opts = parser.parse_args()
-    overrides = {'still_count': 0}
+    # The arm keeps moving while faults are measured: no stop detection, no low-confidence or
+    # contact stops (they end or pause an episode near its goal).
+    overrides = {'still_count': 0, 'min_token_prob': 0.0, 'max_contact_force': 0.0}
     for item in opts.safety:
         name, _, value = item.partition('=')
         overrides[name] = yaml.safe_load(value)
