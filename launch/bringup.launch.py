@@ -70,7 +70,7 @@ def _nodes(context, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - 
             package=PACKAGE,
             executable=spec.executable,
             name=spec.name,
-            namespace=namespace if spec.namespaced else '',
+            namespace=spec.namespace_in(namespace),
             # No empty override dict: it would become an empty parameter file.
             parameters=[spec.params_file] + ([dict(spec.parameters)] if spec.parameters else []),
             remappings=list(spec.remappings),
@@ -78,7 +78,7 @@ def _nodes(context, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - 
             output='screen',
             emulate_tty=True,
             # Like the runner: when one node of the graph exits, the bringup ends.
-            on_exit=Shutdown(reason=f'{spec.name} exited'),
+            on_exit=Shutdown(reason=f'{spec.label} exited'),
         ))
     if values['rviz'] == 'true':
         actions.append(Node(package='rviz2', executable='rviz2', name='rviz2',

@@ -56,6 +56,11 @@ ARGUMENT_SETS = {
                          'servo_topic': '/arm/servo_node/delta_twist_cmds',
                          'joint_states_topic': '/arm/joint_states', 'log_level': 'debug'},
     'empty-namespace-sim': {'use_sim': 'true', 'namespace': ''},
+    'robots-sim': {'use_sim': 'true', 'robots': 'arm1,arm2,arm3'},
+    'robots-brackets-robot-role': {'use_sim': 'true', 'robots': '[left, right]',
+                                   'role': 'robot', 'namespace': 'cell/vla'},
+    'robots-inference-role': {'robots': 'arm1,arm2', 'role': 'inference',
+                              'namespace': ''},
 }
 
 
@@ -226,25 +231,26 @@ def test_launched_nodes_equal_node_specs_and_the_runner(stub_launch: types.Modul
     specs = node_specs(values)
     nodes = launched.nodes()
     assert [n.kwargs['name'] for n in nodes] == [s.name for s in specs]
-    assert ('sim_arm_node' in [s.name for s in specs]) == (values.get('use_sim') == 'true')
+    assert ('sim_arm_node' in [s.name for s in specs]) == (
+        values.get('use_sim') == 'true' and values.get('role') != 'inference')
     namespace = values.get('namespace', 'vla')
     log_level = values.get('log_level', 'info')
     for node, spec in zip(nodes, specs, strict=True):
         kw = node.kwargs
         assert kw['package'] == PACKAGE
         assert kw['executable'] == spec.executable == spec.name
-        assert kw['namespace'] == (namespace if spec.namespaced else '')
+        assert kw['namespace'] == spec.namespace_in(namespace)
         overrides = [dict(spec.parameters)] if spec.parameters else []
         assert kw['parameters'] == [spec.params_file, *overrides]
         assert kw['remappings'] == list(spec.remappings)
         assert kw['arguments'] == ['--ros-args', '--log-level', log_level]
         # Like the runner, one node exiting ends the bringup, and the reason names it.
         assert type(kw['on_exit']).__name__ == 'Shutdown'
-        assert kw['on_exit'].kwargs == {'reason': f'{spec.name} exited'}
+        assert kw['on_exit'].kwargs == {'reason': f'{spec.label} exited'}
         # The runner starts the same node with the same name, namespace, files and remaps.
         runner = _parse_ros_args(ros_args(spec, namespace, log_level))
         assert runner['name'] == kw['name']
-        expected_ns = '/' + namespace.strip('/') if kw['namespace'].strip('/') else ''
+        expected_ns = '/' + kw['namespace'] if kw['namespace'] else ''
         assert runner['namespace'] == expected_ns
         assert runner['files'] == [spec.params_file]
         assert runner['params'] == dict(spec.parameters)
@@ -283,6 +289,85 @@ def test_sim_arm_closes_the_loop_on_the_same_topics(stub_launch: types.ModuleTyp
     empty = Launched(stub_launch, ARGUMENT_SETS['empty-namespace-sim']).nodes()
     sim = dict(empty[-1].kwargs['remappings'])
     assert sim['episode'] == '/episode' and sim['gripper_command'] == '/gripper_command'
+
+
+def _resolve(namespace: str, topic: str) -> str:
+    """A node's topic name as ROS resolves it (absolute stays, relative goes under namespace)."""
+    return topic if topic.startswith('/') else '/' + '/'.join(p for p in (namespace, topic) if p)
+
+
+def test_robots_one_vla_node_serves_every_arm_on_its_own_topics(
+        stub_launch: types.ModuleType) -> None:
+    values = ARGUMENT_SETS['robots-sim']
+    nodes = Launched(stub_launch, values).nodes()
+    fqns = [f"/{n.kwargs['namespace']}/{n.kwargs['name']}" for n in nodes]
+    assert fqns == ['/arm1/vla/camera_node', '/arm2/vla/camera_node', '/arm3/vla/camera_node',
+                    '/vla/vla_node',
+                    '/arm1/vla/safety_node', '/arm2/vla/safety_node', '/arm3/vla/safety_node',
+                    '/arm1/sim_arm_node', '/arm2/sim_arm_node', '/arm3/sim_arm_node']
+    by_fqn = {fqn: n.kwargs for fqn, n in zip(fqns, nodes, strict=True)}
+    vla = by_fqn['/vla/vla_node']
+    assert vla['parameters'][1]['arms'] == '/arm1/vla,/arm2/vla,/arm3/vla'
+    claimed: dict[str, str] = {}
+    for arm in ('arm1', 'arm2', 'arm3'):
+        ns = f'{arm}/vla'
+        camera = dict(by_fqn[f'/{ns}/camera_node']['remappings'])
+        safety = dict(by_fqn[f'/{ns}/safety_node']['remappings'])
+        sim = dict(by_fqn[f'/{arm}/sim_arm_node']['remappings'])
+        # The loop of each arm closes on that arm's topics only.
+        assert sim['image_raw'] == camera['image'] == f'/{arm}/camera/image_raw'
+        assert sim['twist'] == safety['twist'] == f'/{arm}/servo_node/delta_twist_cmds'
+        assert sim['joint_states'] == safety['joint_states'] == f'/{arm}/joint_states'
+        assert sim['episode'] == _resolve(ns, 'episode') == f'/{ns}/episode'
+        assert sim['gripper_command'] == _resolve(ns, 'gripper_command')
+        # The sim's relative wrench output lands where this arm's safety node reads it.
+        assert _resolve(arm, 'wrench') == safety['wrench'] == f'/{arm}/wrench'
+        assert sim['task_success'] == f'/{arm}/sim/task_success'
+        # The VLA node's <arm>/observation and <arm>/action are this arm's camera/safety topics.
+        assert f'/{ns}' in vla['parameters'][1]['arms'].split(',')
+        for topic in [*camera.values(), *safety.values(), *sim.values()]:
+            if topic != '/diagnostics':
+                assert claimed.setdefault(topic, arm) == arm, f'{topic} shared by two arms'
+
+
+def test_robots_composes_with_role_and_namespace(stub_launch: types.ModuleType) -> None:
+    robot = Launched(stub_launch, ARGUMENT_SETS['robots-brackets-robot-role']).nodes()
+    assert [(n.kwargs['namespace'], n.kwargs['name']) for n in robot] == [
+        ('left/cell/vla', 'camera_node'), ('right/cell/vla', 'camera_node'),
+        ('left/cell/vla', 'safety_node'), ('right/cell/vla', 'safety_node'),
+        ('left', 'sim_arm_node'), ('right', 'sim_arm_node')]
+    assert dict(robot[-1].kwargs['remappings'])['episode'] == '/right/cell/vla/episode'
+    inference = Launched(stub_launch, ARGUMENT_SETS['robots-inference-role']).nodes()
+    (vla,) = inference
+    assert (vla.kwargs['namespace'], vla.kwargs['name']) == ('', 'vla_node')
+    assert vla.kwargs['parameters'][1]['arms'] == '/arm1,/arm2'
+    # One arm, robots unset or empty: exactly the single-arm layout, no arms parameter.
+    for values in ({'use_sim': 'true'}, {'use_sim': 'true', 'robots': ''},
+                   {'use_sim': 'true', 'robots': '[]'}):
+        assert node_specs(values) == node_specs({'use_sim': 'true'})
+    assert 'arms' not in dict(node_specs({'robots': ''})[1].parameters)
+
+
+@pytest.mark.parametrize('robots', ['arm1,arm1', '1arm', 'arm1,,arm2', 'arm one', 'a/', '/'])
+def test_bad_robots_are_refused_before_any_node(stub_launch: types.ModuleType,
+                                                robots: str) -> None:
+    with pytest.raises(ConfigError, match='robots'):
+        Launched(stub_launch, {'robots': robots})
+    with pytest.raises(ConfigError, match='robots'):
+        node_specs({'robots': robots})
+
+
+def test_runner_labels_every_node_of_every_arm_uniquely() -> None:
+    specs = node_specs(ARGUMENT_SETS['robots-sim'])
+    labels = [s.label for s in specs]
+    assert len(set(labels)) == len(labels) == 10
+    assert 'arm2/safety_node' in labels and 'vla_node' in labels
+    # The runner's --ros-args of one arm's node carry that arm's namespace.
+    (safety2,) = [s for s in specs if s.label == 'arm2/safety_node']
+    assert _parse_ros_args(ros_args(safety2, 'vla'))['namespace'] == '/arm2/vla'
+    (vla,) = [s for s in specs if s.name == 'vla_node']
+    assert _parse_ros_args(ros_args(vla, 'vla'))['params']['arms'] == \
+        '/arm1/vla,/arm2/vla,/arm3/vla'
 
 
 def test_shared_memory_profile_on_both_paths(stub_launch: types.ModuleType,
@@ -421,8 +506,8 @@ def test_real_launch_description() -> None:  # pragma: no cover - needs a ROS in
     assert [n.node_executable for n in nodes] == [s.executable for s in specs]
     for node, spec in zip(nodes, specs, strict=True):
         node._perform_substitutions(context)  # what execute() does before starting it
-        ns = '/' + values['namespace'] if spec.namespaced else ''
-        assert node.node_name == f'{ns}/{spec.name}'
+        ns = spec.namespace_in(values['namespace'])
+        assert node.node_name == ('/' + ns if ns else '') + f'/{spec.name}'
         assert list(node.expanded_remapping_rules) == list(spec.remappings)
     assert {a.node_package for a in actions} == (
         {PACKAGE, *INSTALLED_VIEWERS} if viewers else {PACKAGE})

@@ -3,11 +3,15 @@
 Both launch paths read :func:`node_specs` and :data:`LAUNCH_ARGUMENTS`, so the launch file and the
 pip-path runner cannot drift: same nodes, same parameter files, same remappings. Topic names
 inside nodes are relative; everything external (camera driver, MoveIt Servo, joint states) is a
-remapping listed here. No ROS import: the runner and the tests use this without ``launch``.
+remapping listed here. With ``robots`` (one VLA node serving several arms), every arm gets its
+own camera, safety (and simulated) nodes in ``/<arm>/<namespace>`` and its external topics under
+``/<arm>`` (``/arm1/camera/image_raw``, ...). No ROS import: the runner and the tests use this
+without ``launch``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +79,11 @@ LAUNCH_ARGUMENTS: tuple[LaunchArgument, ...] = (
                    'Which nodes this host starts: all; robot = camera and safety nodes (and the '
                    'simulated arm with use_sim); inference = the VLA node (docs/fleet.md).',
                    tuple(ROLES)),
+    LaunchArgument('robots', '',
+                   'Arms served by one VLA node, as a comma list (arm1,arm2; [arm1,arm2] also '
+                   'parses): each arm gets camera and safety nodes (and a simulated arm with '
+                   'use_sim) in /<arm>/<namespace>, its external topics under /<arm> '
+                   '(/arm1/camera/image_raw, ...); empty = one arm, no prefix (docs/fleet.md).'),
 )
 
 DEFAULTS: Mapping[str, str] = {a.name: a.default for a in LAUNCH_ARGUMENTS}
@@ -90,11 +99,25 @@ class NodeSpec:
     parameters: Mapping[str, object] = field(default_factory=dict)
     remappings: tuple[tuple[str, str], ...] = ()
     namespaced: bool = True
+    arm: str = ''
 
     @property
     def executable(self) -> str:
         """Executable name installed under lib/vla_ros (REP-144: ``<role>_node``)."""
         return self.name
+
+    @property
+    def label(self) -> str:
+        """Unique name of this node in a bringup: ``<arm>/<name>``, or ``<name>`` alone."""
+        return f'{self.arm}/{self.name}' if self.arm else self.name
+
+    def namespace_in(self, namespace: str) -> str:
+        """This node's namespace in a bringup of ``namespace``, without slashes at the ends.
+
+        ``<arm>/<namespace>`` for a node of one arm of ``robots`` (``<arm>`` alone for one that
+        is not namespaced), ``namespace`` or '' otherwise.
+        """
+        return arm_namespace(self.arm, namespace if self.namespaced else '')
 
 
 def resolve_arguments(values: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -109,6 +132,45 @@ def resolve_arguments(values: Mapping[str, str] | None = None) -> dict[str, str]
             raise ConfigError(
                 f'launch argument {arg.name}={merged[arg.name]!r} is not one of {arg.choices}')
     return merged
+
+
+_NAME_TOKEN = re.compile(r'[A-Za-z_][A-Za-z0-9_]*')
+
+
+def parse_namespaces(text: str, what: str = 'robots', base: str = '/') -> tuple[str, ...]:
+    """The absolute namespaces of a comma list (``arm1,arm2``, or ``[arm1, arm2]``); '' gives ().
+
+    Each entry is a ROS namespace (tokens of letters, digits and ``_``, not starting with a
+    digit, joined by ``/``), absolute or relative to ``base``. A malformed entry, and two that
+    resolve to the same namespace, raise ConfigError naming ``what``.
+    """
+    body = text.strip()
+    if body.startswith('[') and body.endswith(']'):
+        body = body[1:-1].strip()
+    if not body:
+        return ()
+    out: list[str] = []
+    for item in body.split(','):
+        name = item.strip().strip('\'"')
+        relative = name[1:] if name.startswith('/') else name
+        if not all(_NAME_TOKEN.fullmatch(t) for t in relative.split('/')):
+            raise ConfigError(f'{what}: {name!r} is not a namespace (letters, digits and _, not '
+                              f'starting with a digit, joined by /) in {text!r}')
+        resolved = name if name.startswith('/') else '/' + arm_namespace(base, name)
+        if resolved in out:
+            raise ConfigError(f'{what}: {resolved} appears twice in {text!r}')
+        out.append(resolved)
+    return tuple(out)
+
+
+def arm_namespace(arm: str, namespace: str) -> str:
+    """One arm's namespace: ``<arm>/<namespace>`` (either may be empty), no end slashes."""
+    return '/'.join(part for part in (arm.strip('/'), namespace.strip('/')) if part)
+
+
+def arm_topic(arm: str, topic: str) -> str:
+    """An external topic of one arm: ``/<arm><topic>`` for an absolute topic, else ``topic``."""
+    return f'/{arm}{topic}' if arm and topic.startswith('/') else topic
 
 
 def ns_topic(namespace: str, name: str) -> str:
@@ -135,48 +197,72 @@ def default_checkpoint() -> Path:
 
 
 def node_specs(values: Mapping[str, str] | None = None) -> list[NodeSpec]:
-    """The nodes to start for the given launch arguments, in start order."""
+    """The nodes to start for the given launch arguments, in start order.
+
+    One arm: camera, VLA, safety (and simulated arm) nodes. With ``robots``: every arm's camera
+    nodes, then the one VLA node (its ``arms`` parameter lists the arms' namespaces), then every
+    arm's safety nodes and simulated arms.
+    """
     args = resolve_arguments(values)
     cfg = config_dir()
-    camera_topic = args['camera_topic']
-    specs = [
-        NodeSpec('camera_node', 'vla_ros.nodes.camera_node', str(cfg / 'camera_node.yaml'),
-                 parameters={'image_transport': args['camera_transport']},
-                 remappings=(('image', camera_topic),)),
-        NodeSpec('vla_node', 'vla_ros.nodes.vla_node', str(cfg / 'vla_node.yaml'),
-                 remappings=(('diagnostics', '/diagnostics'),),
-                 parameters={'model_path': args['model_path'], 'unnorm_key': args['unnorm_key'],
-                             'quantization': args['quantization'], 'device': args['device']}),
-        NodeSpec('safety_node', 'vla_ros.nodes.safety_node',
-                 args['safety_config'] or str(cfg / 'safety_node.yaml'),
-                 parameters={'output_mode': args['output_mode']},
-                 remappings=(('twist', args['servo_topic']),
-                             ('pose_target', '/servo_node/pose_target_cmds'),
-                             ('joint_states', args['joint_states_topic']),
-                             ('wrench', '/wrench'),  # the arm's tool wrench (contact stop)
-                             ('diagnostics', '/diagnostics'))),
-    ]
+    robots = tuple(name[1:] for name in parse_namespaces(args['robots']))
+    per_arm = [_arm_specs(args, cfg, arm) for arm in robots or ('',)]
+    vla_parameters: dict[str, object] = {
+        'model_path': args['model_path'], 'unnorm_key': args['unnorm_key'],
+        'quantization': args['quantization'], 'device': args['device']}
+    if robots:
+        vla_parameters['arms'] = ','.join(
+            '/' + arm_namespace(arm, args['namespace']) for arm in robots)
+    vla = NodeSpec('vla_node', 'vla_ros.nodes.vla_node', str(cfg / 'vla_node.yaml'),
+                   remappings=(('diagnostics', '/diagnostics'),), parameters=vla_parameters)
+    specs = [arm['camera_node'] for arm in per_arm] + [vla] + [
+        arm[name] for name in ('safety_node', 'sim_arm_node') for arm in per_arm if name in arm]
+    return [s for s in specs if s.name in ROLES[args['role']]]
+
+
+def _arm_specs(args: Mapping[str, str], cfg: Path, arm: str) -> dict[str, NodeSpec]:
+    """The nodes of one arm (``arm`` '' for the single-arm layout), by name."""
+    def external(topic: str) -> str:
+        return arm_topic(arm, topic)
+
+    camera_topic = external(args['camera_topic'])
+    specs = {
+        'camera_node': NodeSpec(
+            'camera_node', 'vla_ros.nodes.camera_node', str(cfg / 'camera_node.yaml'),
+            parameters={'image_transport': args['camera_transport']},
+            remappings=(('image', camera_topic),), arm=arm),
+        'safety_node': NodeSpec(
+            'safety_node', 'vla_ros.nodes.safety_node',
+            args['safety_config'] or str(cfg / 'safety_node.yaml'),
+            parameters={'output_mode': args['output_mode']},
+            remappings=(('twist', external(args['servo_topic'])),
+                        ('pose_target', external('/servo_node/pose_target_cmds')),
+                        ('joint_states', external(args['joint_states_topic'])),
+                        ('wrench', external('/wrench')),  # the arm's tool wrench (contact stop)
+                        ('diagnostics', '/diagnostics')), arm=arm),
+    }
     if args['use_sim'] == 'true':
-        ns = args['namespace']
-        specs.append(NodeSpec(
+        ns = specs['camera_node'].namespace_in(args['namespace'])
+        specs['sim_arm_node'] = NodeSpec(
             'sim_arm_node', 'vla_ros.nodes.sim_arm_node', str(cfg / 'sim_arm_node.yaml'),
             remappings=(('image_raw', camera_topic),
-                        ('joint_states', args['joint_states_topic']),
-                        ('twist', args['servo_topic']),
+                        ('joint_states', external(args['joint_states_topic'])),
+                        ('twist', external(args['servo_topic'])),
                         ('gripper_command', ns_topic(ns, 'gripper_command')),
                         ('episode', ns_topic(ns, 'episode')),
-                        ('ee_pose', '/sim/ee_pose'),
-                        ('task_success', '/sim/task_success'),
-                        ('world_state', '/sim/world_state')),
-            namespaced=False))
-    return [s for s in specs if s.name in ROLES[args['role']]]
+                        ('ee_pose', external('/sim/ee_pose')),
+                        ('task_success', external('/sim/task_success')),
+                        ('world_state', external('/sim/world_state'))),
+            namespaced=False, arm=arm)
+    return specs
 
 
 def ros_args(spec: NodeSpec, namespace: str, log_level: str = 'info') -> list[str]:
     """Command-line ``--ros-args`` for ``spec`` (what launch_ros would pass)."""
     out = ['--ros-args', '-r', f'__node:={spec.name}', '--log-level', log_level]
-    if spec.namespaced and namespace:
-        out += ['-r', f'__ns:=/{namespace.strip("/")}']
+    ns = spec.namespace_in(namespace)
+    if ns:
+        out += ['-r', f'__ns:=/{ns}']
     out += ['--params-file', spec.params_file]
     for key, value in spec.parameters.items():
         out += ['-p', f'{key}:={_param_literal(value)}']

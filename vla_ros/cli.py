@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from vla_ros.bringup import (
     LAUNCH_ARGUMENTS,
     NodeSpec,
+    arm_namespace,
+    arm_topic,
     config_dir,
     node_specs,
     resolve_arguments,
@@ -76,7 +78,8 @@ def describe_exit(code: int) -> str:
 class Bringup:
     """The node processes of one bringup, their prefixed logs and their shutdown.
 
-    Output lines go to stdout prefixed with the node name, or to ``sink(name, line)``.
+    Output lines go to stdout prefixed with the node's label (``arm1/camera_node`` with
+    ``robots``), or to ``sink(label, line)``; ``procs`` is keyed by label.
     ``pump`` must be called regularly (from one thread) so that no node blocks on a full pipe.
     """
 
@@ -84,7 +87,7 @@ class Bringup:
                  env: dict[str, str], sink: Callable[[str, str], None] | None = None) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
         self._sink = sink
-        self._width = max(len(s.name) for s in specs)
+        self._width = max(len(s.label) for s in specs)
         self._sel = selectors.DefaultSelector()
         self._partial: dict[str, bytes] = {}
         try:
@@ -94,10 +97,10 @@ class Bringup:
                     cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                     start_new_session=True,  # a terminal's Ctrl-C reaches the runner only
                     preexec_fn=_die_with_parent if sys.platform == 'linux' else None)
-                self.procs[spec.name] = proc
+                self.procs[spec.label] = proc
                 os.set_blocking(proc.stdout.fileno(), False)
-                self._sel.register(proc.stdout, selectors.EVENT_READ, spec.name)
-                self._partial[spec.name] = b''
+                self._sel.register(proc.stdout, selectors.EVENT_READ, spec.label)
+                self._partial[spec.label] = b''
         except BaseException:
             self.stop()
             raise
@@ -194,10 +197,18 @@ def cmd_bringup(opts: argparse.Namespace) -> int:
     try:
         if opts.instruction or not opts.quiet:
             from vla_ros.monitor import Monitor
-            monitor = Monitor(args['namespace'], instructions=opts.instruction,
-                              joint_states_topic=args['joint_states_topic'],
-                              twist_topic=args['servo_topic'],
-                              save_frames=opts.save_frames, camera_topic=args['camera_topic'],
+            # With robots, the status lines and --instruction follow the first arm.
+            arm = next((s.arm for s in specs if s.arm), '')
+            if arm:
+                print(f'[bringup] status lines and instructions: arm {arm} (the others: '
+                      f'vla-ros status/instruct --namespace <arm>/{args["namespace"]})',
+                      flush=True)
+            monitor = Monitor(arm_namespace(arm, args['namespace']),
+                              instructions=opts.instruction,
+                              joint_states_topic=arm_topic(arm, args['joint_states_topic']),
+                              twist_topic=arm_topic(arm, args['servo_topic']),
+                              save_frames=opts.save_frames,
+                              camera_topic=arm_topic(arm, args['camera_topic']),
                               quiet=opts.quiet)
         while not stop_requested:
             bringup.pump(0.1)
