@@ -6,11 +6,13 @@ camera node would forward: ``vla_ros.core.image.preprocess`` with its defaults).
 the same state is also shown perturbed: the camera occluded (a grey or dark patch over 30-60 %
 of the frame, like a hand or a cap), unseen colours (the colour channels rotated: red blocks
 look blue, the table green) and a wrong instruction (tasks it was never trained on). The score
-is each action's least token probability (``token_probs.min()``; the margin likewise); the
-report gives the two distributions, the ROC AUC of "in distribution" against each perturbation,
-and the threshold that refuses at most 5 % of the in-distribution actions, with the share of
-each perturbation it refuses (and, for comparison, the AUC of the mean token log-probability).
-That threshold is the default ``min_token_prob``; the
+of an action is the geometric mean of its 7 token probabilities (``min_mean_token_prob``), its
+least token probability (``min_token_prob``) or its least margin (``min_token_margin``); the
+report gives their distributions, the ROC AUC of "in distribution" against each perturbation,
+the share of every kind refused over a sweep of thresholds, and for each score the highest
+threshold (a multiple of 0.05 for the geometric mean, of 0.01 otherwise) that refused no
+in-distribution action of the study, with the share of each perturbation it refuses. The
+geometric mean's is the default ``min_mean_token_prob``; the
 closed-loop success with it through the node graph is measured by
 ``python -m vla_ros.eval`` (see ``docs/safety.md``).
 
@@ -75,8 +77,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--episodes', type=int, default=10, help='episodes per task')
     ap.add_argument('--seed', type=int, default=20000)
-    ap.add_argument('--reject-id', type=float, default=0.05,
-                    help='largest share of in-distribution actions the threshold may refuse')
     ap.add_argument('--out', default=str(Path(__file__).parent / 'results' / 'confidence.json'))
     opts = ap.parse_args()
     from vla_ros.policy.policy import OpenVLAPolicy
@@ -115,9 +115,23 @@ def main() -> int:
                     'in_process_successes': {k: f'{v}/{opts.episodes}'
                                              for k, v in successes.items()},
                     'score': 'least token probability of the 7 action tokens (and margin)'}
-    for metric in ('prob', 'margin'):
+    sweep = [round(0.01 * k, 2) for k in range(1, 13)]
+    result['refused_share_by_threshold'] = {
+        kind: {f'{t:.2f}': float((np.asarray(scores[kind]['prob']) < t).mean()) for t in sweep}
+        for kind in KINDS}
+    result['geometric_mean_prob'] = {
+        kind: {'p1': float(np.quantile(np.exp(scores[kind]['mean_log']), 0.01)),
+               'p50': float(np.median(np.exp(scores[kind]['mean_log'])))} for kind in KINDS}
+    for kind in KINDS:
+        scores[kind]['geomean'] = np.exp(scores[kind]['mean_log']).tolist()
+    result['refused_share_by_geomean_threshold'] = {
+        kind: {f'{t:.2f}': float((np.asarray(scores[kind]['geomean']) < t).mean())
+               for t in np.arange(0.05, 0.55, 0.05)} for kind in KINDS}
+    for metric in ('geomean', 'prob', 'margin'):
         ind = np.asarray(scores['in_distribution'][metric])
-        thr = float(np.floor(np.quantile(ind, opts.reject_id) * 100) / 100)
+        step = 0.05 if metric == 'geomean' else 0.01
+        thr = float(np.floor(ind.min() / step) * step)  # refuses none of the study's own
+        thr = round(thr, 2)
         block: dict = {'threshold': thr,
                        'in_distribution': {'n': int(ind.size), 'p1': float(np.quantile(ind, 0.01)),
                                            'p50': float(np.median(ind)),
@@ -129,15 +143,16 @@ def main() -> int:
                            'refused_at_threshold': float((x < thr).mean())}
         block['histogram'] = {k: np.histogram(scores[k][metric], bins=10, range=(0, 1))[0]
                               .tolist() for k in KINDS}
-        result[f'min_token_{metric}'] = block
+        result['mean_token_prob' if metric == 'geomean' else f'min_token_{metric}'] = block
     ind = np.asarray(scores['in_distribution']['mean_log'])
     result['mean_token_log_prob_auc'] = {k: auc(ind, np.asarray(scores[k]['mean_log']))
                                          for k in KINDS[1:]}
     Path(opts.out).write_text(json.dumps(result, indent=2) + '\n')
-    for metric in ('prob', 'margin'):
-        b = result[f'min_token_{metric}']
+    for key in ('mean_token_prob', 'min_token_prob', 'min_token_margin'):
+        metric = key
+        b = result[key]
         aucs = ', '.join(f'{k} {b[k]["roc_auc"]:.3f}' for k in KINDS[1:])
-        print(f'min token {metric}: threshold {b["threshold"]} (refuses '
+        print(f'{metric}: threshold {b["threshold"]} (refuses '
               f'{b["in_distribution"]["refused_at_threshold"]:.3f} of in-distribution); '
               f'AUC {aucs}')
     return 0

@@ -3,15 +3,15 @@
 The safety node (defaults of ``config/safety_node.yaml``: ``max_contact_force`` 30 N) and the
 simulated arm with contact (``sim_arm_node``: penalty contacts with the table and the blocks,
 compliant joints, tool wrench at 100 Hz) run as processes over Fast DDS. Each trial starts a new
-episode (the simulator re-seeds the layout and the start pose), brings the tool centre point
-above the red block with small actions, then descends onto it at a trial speed (0.02 to
-0.15 m/s, drawn) until the safety node latches its protective stop; the block pushes back on the
-fingers. Measured per trial, all on ROS time: the contact onset (the simulator's ground truth on
-``world_state``, interpolated within its integration sub-step), the stamp of the first zero
-twist the safety node computed after it, and the deepest penetration of the contact event
+episode (the simulator re-seeds the layout and the start pose), brings the tool centre point above
+the red block with small actions and the gripper closed, then descends onto it at a trial speed
+(0.02 to 0.15 m/s, drawn) until the safety node latches its protective stop; the block pushes back
+on the fingers. Measured per trial, all on ROS time: the contact onset (the simulator's ground
+truth on ``world_state``, interpolated within its integration sub-step), the stamp of the first
+zero twist the safety node computed after it, and the deepest penetration of the contact event
 (``peak_depth``, read 0.5 s after the stop). Between trials ``~/reset`` clears the latch and the
-next episode moves the arm away. A second part drives the fingertips towards the table plane
-(no block below) and counts table contacts: the table-plane stage must refuse every one.
+next episode moves the arm away. A second part drives the fingertips towards the table plane (no
+block below) and counts table contacts: the table-plane stage must refuse every one.
 
     .venv/bin/python bench/bench_safety_contact.py --trials 60
 """
@@ -91,8 +91,9 @@ def wait(pred, timeout: float) -> bool:  # noqa: ANN001
     return False
 
 
-def drive_to(h: SafetyHarness, world: World, goal: np.ndarray, timeout: float = 15.0) -> bool:
-    """Send 5 Hz actions towards ``goal`` until the tool is within 3 mm."""
+def drive_to(h: SafetyHarness, world: World, goal: np.ndarray, timeout: float = 15.0,
+             grip: float = 1.0) -> bool:
+    """Send 5 Hz actions towards ``goal`` until the tool is within 3 mm (gripper raw ``grip``)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         tcp = world.tcp
@@ -101,9 +102,14 @@ def drive_to(h: SafetyHarness, world: World, goal: np.ndarray, timeout: float = 
             continue
         err = goal - tcp
         if np.linalg.norm(err) < 0.003:
-            return True
-        step = err * min(1.0, 0.02 / max(np.linalg.norm(err), 1e-9))
-        h.action([*step, 0.0, 0.0, 0.0, 1.0])
+            h.action([0.0] * 6 + [grip])  # hold still (a held action runs on otherwise)
+            time.sleep(0.4)
+            if np.linalg.norm(goal - world.tcp) < 0.003:
+                return True
+            continue
+        # a proportional step (the command ramps at the acceleration bound and is held)
+        step = 0.5 * err * min(1.0, 0.02 / max(np.linalg.norm(err), 1e-9))
+        h.action([*step, 0.0, 0.0, 0.0, grip])
         time.sleep(0.2)
     return False
 
@@ -111,24 +117,25 @@ def drive_to(h: SafetyHarness, world: World, goal: np.ndarray, timeout: float = 
 def contact_trial(h: SafetyHarness, world: World, rng: np.random.Generator,
                   text: str) -> dict | None:
     h.instruct(text)
-    seed_ok = wait(lambda: world.latest() is not None and world.latest().seed is not None
+    # the simulator re-seeds episode k with layout seed k (its seed parameter is 0): wait for
+    # its ground truth of the new layout
+    seed_ok = wait(lambda: world.latest() is not None and world.latest().seed == h._episode
                    and h.last_status() is not None
                    and 'waiting for its first action' in h.last_status().reason, 10.0)
     if not seed_ok:
         return None
-    time.sleep(0.3)  # the simulator re-seeded: take its newest ground truth
     state = world.latest()
     block = np.asarray(state.blocks['red'])
     top = block[2] + state.block_size / 2.0
     above = np.array([block[0], block[1], top + 0.06])
-    if not drive_to(h, world, above):
+    if not drive_to(h, world, above, grip=0.0):  # closed: the fingertips land on the block
         return {'skipped': 'could not reach the pre-contact pose'}
     speed = float(rng.uniform(0.02, 0.15))
     n_status = len(h.statuses)
     t_start = h.now_ns()
     stopped: list = []
     while not stopped and h.now_ns() - t_start < 8e9:  # descend until the protective stop
-        h.action([0.0, 0.0, -speed * 0.2, 0.0, 0.0, 0.0, 1.0])
+        h.action([0.0, 0.0, -speed * 0.2, 0.0, 0.0, 0.0, 0.0])
         time.sleep(0.2)
         stopped = [r.msg for r in h.statuses[n_status:]
                    if r.msg.state == SafetyStatus.STATE_ESTOP]
@@ -141,22 +148,25 @@ def contact_trial(h: SafetyHarness, world: World, rng: np.random.Generator,
         return {'skipped': 'no contact onset in the ground truth'}
     onset = min(s.contact.onset for s in events)
     peak = max(s.contact.peak_depth for s in events if s.contact.onset == onset)
-    first_zero = next((r for r in h.twists_stamped_after(int(onset * 1e9))
+    latched = stopped[0].header.stamp.sec + stopped[0].header.stamp.nanosec * 1e-9
+    # the zero twist of the protective stop (a braking stage may have zeroed one before it)
+    first_zero = next((r for r in h.twists_stamped_after(int(latched * 1e9) - 1)
                        if not np.any(twist_vector(r.msg))), None)
     if first_zero is None:
-        return {'skipped': 'no zero twist after the onset'}
+        return {'skipped': 'no zero twist after the protective stop'}
     pair = next(s.contact.pair for s in events if s.contact.onset == onset)
-    return {'speed_mps': speed, 'onset_to_zero_twist_ms': (first_zero.stamp_ns * 1e-9 - onset)
-            * 1e3, 'peak_depth_mm': peak * 1e3, 'pair': list(pair) if pair else None,
+    return {'speed_mps': speed,
+            'onset_to_zero_twist_ms': (first_zero.stamp_ns * 1e-9 - onset) * 1e3,
+            'onset_to_latch_ms': (latched - onset) * 1e3,  # the force building up to 30 N
+            'latch_to_zero_twist_ms': (first_zero.stamp_ns * 1e-9 - latched) * 1e3,
+            'peak_depth_mm': peak * 1e3, 'pair': list(pair) if pair else None,
             'reason': stopped[0].reason}
 
 
 def table_trial(h: SafetyHarness, world: World, text: str) -> dict:
     """Drive straight down far from the blocks: the table plane must stop the fingertips."""
     h.instruct(text)
-    wait(lambda: h.last_status() is not None
-         and 'waiting for its first action' in h.last_status().reason, 10.0)
-    time.sleep(0.3)
+    wait(lambda: world.latest() is not None and world.latest().seed == h._episode, 10.0)
     state = world.latest()
     blocks = np.array(list(state.blocks.values()))
     spot = np.array([0.45, -0.3 if blocks[:, 1].mean() > 0 else 0.3, 0.1])
@@ -219,6 +229,11 @@ def main() -> int:
         'onset_to_zero_twist_ms': {'p50': pct(lat, 50), 'p99': pct(lat, 99), 'max': max(lat)},
         'peak_penetration_mm': {'p50': pct(depth, 50), 'p99': pct(depth, 99),
                                 'max': max(depth)},
+        'onset_to_latch_ms': {'p50': pct([t['onset_to_latch_ms'] for t in trials], 50),
+                              'p99': pct([t['onset_to_latch_ms'] for t in trials], 99)},
+        'latch_to_zero_twist_ms': {
+            'p50': pct([t['latch_to_zero_twist_ms'] for t in trials], 50),
+            'p99': pct([t['latch_to_zero_twist_ms'] for t in trials], 99)},
         'speed_mps': {'min': min(t['speed_mps'] for t in trials),
                       'max': max(t['speed_mps'] for t in trials)},
         'pairs': sorted({tuple(t['pair']) for t in trials if t['pair']}),

@@ -48,7 +48,8 @@ LOOSE = dict(
     joint_position_margin=0.0, joint_velocity_scale=1.0, singularity_threshold=0.0,
     action_timeout=0.5, camera_timeout=0.25, vla_heartbeat_timeout=1.0, joint_state_timeout=0.125,
     still_threshold_linear=0.001, still_threshold_angular=0.01, still_count=0, max_steps=0,
-    gripper_close_above=0.6, gripper_open_below=0.4, gripper_min_dwell=0.0,
+    gripper_close_above=0.6, gripper_open_below=0.4, gripper_min_dwell=0.0, min_token_prob=0.0,
+    min_mean_token_prob=0.0,
 )
 
 
@@ -1054,7 +1055,19 @@ def test_low_confidence_is_refused_with_a_controlled_stop() -> None:
         d = rig.act(MOVE, token_probs=missing, token_margins=margins)
         assert not d.accepted and 'missing' in d.reason
     assert rig.act(MOVE, token_probs=probs, token_margins=margins).accepted
-    assert Rig().act(MOVE).accepted  # off by default: no probabilities needed
+    assert Rig().act(MOVE).accepted  # off (0): no probabilities needed
+
+
+def test_geometric_mean_confidence_gate() -> None:
+    rig = Rig(min_mean_token_prob=0.3)
+    assert SafetyConfig().min_mean_token_prob > 0.0  # on by default (bench/bench_confidence.py)
+    assert rig.act(MOVE, token_probs=[0.3] * 7).accepted  # exactly at the threshold
+    d = rig.act(MOVE, token_probs=[0.9] * 6 + [0.0001])  # one token flat, the mean low
+    assert not d.accepted and d.state is SafetyState.STOPPED
+    assert 'geometric mean token prob 0.245' in d.reason
+    assert rig.act(MOVE, token_probs=[0.99] * 6 + [0.05]).accepted  # one token low, mean fine
+    for bad in (None, [0.9] * 6, [math.nan] * 7, [0.0] * 7):  # missing or zero: fail closed
+        assert not rig.act(MOVE, token_probs=bad).accepted
 
 
 def test_deadman_silence_or_release_stops() -> None:

@@ -30,7 +30,8 @@ SEED = 20261126
 N_ACTIONS = 102_400
 # Per-axis bounds tighter than the speed bounds on some axes, so that every stage can bind.
 CFG = SafetyConfig(max_delta_xyz=(0.02, 0.03, 0.01), max_delta_rpy=(0.1, 0.2, 0.15),
-                   still_count=10, max_steps=400)
+                   still_count=10, max_steps=400, min_token_prob=0.0,
+                   min_mean_token_prob=0.0)
 
 
 @pytest.fixture(scope='module')
@@ -342,7 +343,7 @@ def run_closed_loop(kin: ArmKinematics, seed: int, n_actions: int) -> dict[str, 
     output tick, and the limiter sees the joint state of the previous tick (a driver's delay).
     """
     rng = np.random.default_rng(seed)
-    cfg = SafetyConfig(still_count=0, max_steps=0)
+    cfg = SafetyConfig(still_count=0, max_steps=0, min_mean_token_prob=0.0)
     lim = SafetyLimiter(cfg, kin)
     dt = 1.0 / cfg.output_rate_hz
     h = dt / SUBSTEPS

@@ -109,7 +109,8 @@ def test_report_from_the_audit_log_matches_the_live_stats(tmp_path) -> None:  # 
 
 
 def test_would_be_is_the_target_through_the_stages_without_the_ramp() -> None:
-    lim = SafetyLimiter(SafetyConfig(max_linear_accel=0.5, max_linear_speed=0.1))
+    lim = SafetyLimiter(SafetyConfig(max_linear_accel=0.5, max_linear_speed=0.1,
+                                     min_mean_token_prob=0.0))
     lim.on_episode(1, 'go', 1.0)
     lim.on_camera_frame(1.02, 1.02)
     d = lim.on_action([0.03, 0, 0, 0, 0, 0, 0], 0.5, 1, 1.02, 1.02, instruction='go',

@@ -401,7 +401,8 @@ class SafetyNode(Node):
 
     def _status_msg(self, d: Decision) -> SafetyStatus:
         s = SafetyStatus()
-        s.header.stamp = self.get_clock().now().to_msg()
+        s.header.stamp = (Time(nanoseconds=round(d.time * 1e9)) if math.isfinite(d.time)
+                          else self.get_clock().now()).to_msg()  # as the command's stamp
         s.header.frame_id = self.frame_id
         s.state, s.state_name, s.reason = int(d.state), d.state.name, d.reason[:500]
         s.limits_applied = list(d.limits_applied)

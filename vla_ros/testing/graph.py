@@ -113,8 +113,10 @@ class SafetyHarness:
         msg.episode_id = self._episode if episode is None else episode
         msg.delta = np.asarray(delta, dtype=np.float64)
         msg.instruction = self._instruction if instruction is None else instruction
-        if token_probs is not None:
-            msg.token_probs = np.asarray(token_probs, dtype=np.float32)
+        # a test stand-in is certain unless told otherwise (the confidence gate is on)
+        msg.token_probs = np.asarray(np.ones(7) if token_probs is None else token_probs,
+                                     dtype=np.float32)
+        msg.token_margins = np.ones(7, dtype=np.float32)
         self.action_pub.publish(msg)
         return msg
 

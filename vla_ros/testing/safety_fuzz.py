@@ -121,8 +121,9 @@ def run_fuzz(h: SafetyHarness, n_actions: int, seed: int = 0, rate_hz: float = 5
         a = _action(rng, kind, state)
         extra: dict = {}
         if kind == 'header':
-            bad = int(rng.integers(0, 6))
-            extra = [{'stamp_offset': -float(rng.uniform(0.05, 1.0))},
+            bad = int(rng.integers(0, 7))
+            extra = [{'token_probs': rng.uniform(0.0, 0.08, 7)},
+                     {'stamp_offset': -float(rng.uniform(0.05, 1.0))},
                      {'stamp_offset': float(rng.choice([0.06, 2.0, 1e6]))},
                      {'stamp_ns': 0}, {'episode': int(rng.choice([0, 4294967295]))},
                      {'instruction': str(rng.choice(['', 'put the cup away']))},

@@ -158,6 +158,10 @@ class SafetyConfig:
     min_token_prob: float = _spec(
         0.0, '', 'An action whose least probable action token is below this is refused with a '
         'controlled stop (low confidence; 0 = off)', 0.0, 1.0)
+    min_mean_token_prob: float = _spec(
+        0.3, '', 'An action whose 7 action-token probabilities have a geometric mean below this '
+        'is refused with a controlled stop (low confidence; 0 = off; chosen for the shipped '
+        'checkpoint by bench/bench_confidence.py: re-run it for another one)', 0.0, 1.0)
     min_token_margin: float = _spec(
         0.0, '', 'An action whose smallest token margin (chosen minus runner-up probability) is '
         'below this is refused with a controlled stop (low confidence; 0 = off)', 0.0, 1.0)

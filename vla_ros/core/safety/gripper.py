@@ -48,6 +48,14 @@ class GripperGate:
         self._changed_at = now
         return want, False
 
+    def forget(self) -> None:
+        """Forget the command in effect, so that the next request is commanded.
+
+        For a new episode: the gripper may have been moved. The dwell time still counts from
+        the last change.
+        """
+        self.command = None
+
     def rebase(self, now: float) -> None:
         """Forget the time of the last change when the clock base changed (a clock jump)."""
         if self._changed_at > now:

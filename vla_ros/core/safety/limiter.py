@@ -481,6 +481,7 @@ class SafetyLimiter:
         self._pending = None
         self._unconfirmed = 0
         self._episode_done = False
+        self._gripper.forget()  # the next gripper request of the episode is commanded
         if self._instruction is None:
             reason = 'empty instruction: no episode'
         elif ep < 0:
@@ -882,17 +883,25 @@ class SafetyLimiter:
     def _confidence(self, probs: object, margins: object) -> str:
         """Return why the action's confidence is too low ('' when it passes or the gate is off)."""
         c = self.config
-        for values, threshold, what in ((probs, c.min_token_prob, 'token prob'),
-                                        (margins, c.min_token_margin, 'token margin')):
-            arr = _vector7(values)
-            if what == 'token prob' and arr is not None and np.isfinite(arr).all():
-                self._min_prob = float(arr.min())
+        p = _vector7(probs)
+        if p is not None and np.isfinite(p).all():
+            self._min_prob = float(p.min())
+        if c.min_mean_token_prob > 0.0:
+            if p is None or not np.isfinite(p).all():
+                return 'low confidence: token probs missing or not 7 finite numbers'
+            with np.errstate(divide='ignore'):
+                mean = float(np.exp(np.mean(np.log(np.clip(p, 0.0, 1.0)))))
+            if not mean >= c.min_mean_token_prob:
+                return (f'low confidence: geometric mean token prob {mean:.3f} < '
+                        f'min_mean_token_prob {c.min_mean_token_prob}')
+        for values, threshold, what in ((p, c.min_token_prob, 'token prob'),
+                                        (_vector7(margins), c.min_token_margin, 'token margin')):
             if threshold <= 0.0:
                 continue
-            if arr is None or not np.isfinite(arr).all():
+            if values is None or not np.isfinite(values).all():
                 return f'low confidence: {what}s missing or not 7 finite numbers'
-            worst = int(np.argmin(arr))
-            if arr[worst] < threshold:
-                return (f'low confidence: {what} {arr[worst]:.3f} of {_FIELDS7[worst]} < '
+            worst = int(np.argmin(values))
+            if values[worst] < threshold:
+                return (f'low confidence: {what} {values[worst]:.3f} of {_FIELDS7[worst]} < '
                         f'min_{what.replace(" ", "_")} {threshold}')
         return ''
