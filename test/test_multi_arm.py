@@ -6,8 +6,9 @@ the worker: it publishes observations over DDS on each arm's topic, spins until 
 callbacks have them, and calls ``serve_once`` -- one batch -- itself, so which observations a
 batch sees is chosen by the test, not by timing. Actions come back over DDS on each arm's action
 topic (waited for as conditions with generous timeouts). Frame ages are set through header
-stamps relative to the node's clock. The graph test of the whole multi-arm bringup is in
-test_eval.py (two arms through the graph).
+stamps relative to the node's clock. Then the evaluation's multi-arm set-up (pure), and the
+whole multi-arm bringup as separate processes over DDS: two simulated arms served by one VLA
+node do their tasks in closed loop.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
+from vla_ros.bringup import node_specs
 from vla_ros.core.image import encode_image
+from vla_ros.eval import ARM_SEED_STRIDE, EvalConfig, _graph_specs, run_graph
 from vla_ros.msg import Observation, VlaAction
 from vla_ros.nodes import qos
 from vla_ros.nodes.vla_node import VlaNode
@@ -298,3 +301,82 @@ def test_one_arm_is_the_nodes_own_topics(fleet) -> None:  # noqa: ANN001
     assert f.vla.serve_once() == 1
     f.wait_actions({'/fleet': 1})
     assert _stamp(f.actions['/fleet'][0]) == _stamp(obs)
+
+
+# ------------------------------------------------------------------------ closed loop, N arms
+def test_time_scale_slows_every_time_constant_of_the_loop_together() -> None:
+    base = EvalConfig()
+    scaled = EvalConfig(time_scale=4.0)
+    assert base.loop_safety == base.safety and base.scaled_safety() == {}
+    loop, safety = scaled.loop_safety, scaled.safety
+    for name in ('action_period', 'action_timeout', 'camera_timeout', 'vla_heartbeat_timeout',
+                 'joint_state_timeout', 'gripper_min_dwell'):
+        assert getattr(loop, name) == pytest.approx(4.0 * getattr(safety, name)), name
+    # One action is the same motion, four times slower: speed x period and accel x period^2
+    # are unchanged, so the limits bind the same way.
+    for name in ('max_linear_speed', 'max_angular_speed'):
+        assert getattr(loop, name) * loop.action_period == pytest.approx(
+            getattr(safety, name) * safety.action_period), name
+    for name in ('max_linear_accel', 'max_angular_accel'):
+        assert getattr(loop, name) * loop.action_period ** 2 == pytest.approx(
+            getattr(safety, name) * safety.action_period ** 2), name
+    assert loop.max_delta_xyz == safety.max_delta_xyz and loop.still_count == safety.still_count
+    for bad in (0.0, -1.0, float('nan'), 1000.0):
+        with pytest.raises(ValueError, match='time_scale'):
+            EvalConfig(time_scale=bad)
+    with pytest.raises(ValueError, match='arms'):
+        EvalConfig(arms=0)
+
+
+def test_the_multi_arm_graph_is_the_robots_bringup_with_per_arm_layouts() -> None:
+    config = EvalConfig(arms=3, time_scale=4.0, seed=100)
+    assert config.arm_names() == ['arm1', 'arm2', 'arm3']
+    assert [config.arm_seed_offset(a) for a in config.arm_names()] == [
+        0, ARM_SEED_STRIDE, 2 * ARM_SEED_STRIDE]
+    specs = _graph_specs(config, 'vla', 'vla', config.seed)
+    bringup = node_specs({'use_sim': 'true', 'robots': 'arm1,arm2,arm3'})
+    assert [s.label for s in specs] == [s.label for s in bringup]
+    for spec, plain in zip(specs, bringup, strict=True):
+        assert spec.remappings == plain.remappings  # the bringup's wiring, untouched
+        extra = {k: v for k, v in spec.parameters.items() if plain.parameters.get(k) != v}
+        if spec.name == 'sim_arm_node':
+            assert extra == {'seed': 100 + config.arm_seed_offset(spec.arm)}
+        elif spec.name == 'camera_node':
+            assert extra == {'policy_rate_hz': pytest.approx(5.0 / 4.0)}
+        elif spec.name == 'safety_node':
+            assert extra == config.scaled_safety()
+        else:
+            assert extra == {'model_path': extra['model_path'], 'device': 'cpu',
+                             'max_observation_age': pytest.approx(4.0)}
+    # The baselines stand in for the VLA node; one arm keeps the single-arm graph exactly.
+    assert 'vla_node' not in [s.name for s in _graph_specs(config, 'expert', 'vla', 0)]
+    single = _graph_specs(EvalConfig(), 'vla', 'vla', 0)
+    assert [(s.label, s.namespace_in('vla')) for s in single] == [
+        ('camera_node', 'vla'), ('vla_node', 'vla'), ('safety_node', 'vla'), ('sim_arm_node', '')]
+
+
+@pytest.mark.graph
+def test_two_arms_served_by_one_vla_node_do_their_tasks_in_closed_loop(domain_id: int) -> None:
+    # vla-ros bringup --sim --arg robots:=arm1,arm2 (the shipped checkpoint on the CPU): two
+    # cameras, one VLA node batching both arms, two safety nodes, two simulated arms, each arm
+    # on its own layouts, both at once. Time x6: a 2-core machine cannot run the batch within
+    # the 0.2 s period; bench/results/eval_graph_4arms.json has the 4-arm figures.
+    config = EvalConfig(episodes=1, tasks=('reach_red', 'reach_blue'), policies=('vla',),
+                        seed=7100, arms=2, time_scale=6.0)
+    diagnostics: dict = {}
+    results = run_graph(config, domain_id=domain_id, diagnostics=diagnostics)
+    assert sorted((r.arm, r.task, r.seed) for r in results) == [
+        ('arm1', 'reach_blue', 7102), ('arm1', 'reach_red', 7101),
+        ('arm2', 'reach_blue', 7102 + ARM_SEED_STRIDE),
+        ('arm2', 'reach_red', 7101 + ARM_SEED_STRIDE)]
+    for arm in ('arm1', 'arm2'):
+        mine = [r for r in results if r.arm == arm]
+        assert all(r.actions > 0 and r.inference_ms for r in mine), mine
+        assert sum(r.success for r in mine) >= 1, mine
+    # One VLA node served both arms, each on its own action topic.
+    vla = diagnostics['vla']
+    (policy,) = [v for name, v in vla.items() if name.endswith('vla_node: policy')]
+    assert policy['arms'] == '2' and int(policy['batches']) > 0
+    arms = {name.rsplit(' ', 1)[-1]: v for name, v in vla.items() if ': arm ' in name}
+    assert sorted(arms) == ['/arm1/vla', '/arm2/vla']
+    assert all(int(v['actions_published']) > 0 for v in arms.values())

@@ -15,9 +15,19 @@ tasks, uses layout seed ``seed + k``, the numbering of ``sim_arm_node``, which r
   the pure ``SafetyLimiter`` with the same configuration (joint states and ticks at its output
   rate) + the world stepped by the limited twist, on a simulated clock.
 
+With ``arms`` > 1 the graph is ``vla-ros bringup --sim --arg robots:=arm1,...``: one VLA node
+serves every arm in one batch, each arm with its own camera, safety and simulated arm; the arms
+run their episodes at the same time, arm ``a`` (from 1) on layout seeds offset by
+``(a - 1) * ARM_SEED_STRIDE`` (arm1 sees exactly the single-arm layouts). ``time_scale`` s
+slows every time constant of the loop together (camera rate / s; action period, timeouts,
+the VLA node's observation age and gripper dwell x s; speed limits / s, acceleration limits /
+s^2), so that each action is the same motion taking s times longer: for a CPU that cannot run
+a batch within the 0.2 s period. The simulator's physics runs as always.
+
 Per task and policy the report gives the success rate, steps (actions) to success, safety
 interventions (actions the limiter changed, and stops: transitions to STOPPED/DONE/ESTOP) and the
-inference time and rate. Run ``vla-ros eval --sim --episodes N``.
+inference time and rate, and with several arms the same per arm. Run
+``vla-ros eval --sim --episodes N [--arms 4 --time-scale 4]``.
 """
 
 from __future__ import annotations
@@ -62,6 +72,13 @@ logger = logging.getLogger(__name__)
 
 #: Policies an evaluation can run: the checkpoint, and the two baselines.
 POLICIES = ('vla', 'expert', 'random')
+#: With several arms, arm ``a`` (from 1) uses layout seeds ``(a - 1) * ARM_SEED_STRIDE`` higher.
+ARM_SEED_STRIDE = 10_000
+#: SafetyConfig fields in seconds, in m/s or rad/s, and in m/s^2 or rad/s^2 (``time_scale``).
+_TIMES = ('action_period', 'action_timeout', 'camera_timeout', 'vla_heartbeat_timeout',
+          'joint_state_timeout', 'gripper_min_dwell')
+_SPEEDS = ('max_linear_speed', 'max_angular_speed')
+_ACCELS = ('max_linear_accel', 'max_angular_accel')
 _STOP_STATES = (SafetyState.STOPPED, SafetyState.DONE, SafetyState.ESTOP)
 
 
@@ -85,6 +102,10 @@ class EvalConfig:
 
     ``max_steps`` bounds the actions of one episode (the tasks' own budget by default);
     ``baseline_episodes`` (None: ``episodes``) is the count for the expert and random policies.
+    ``arms``: simulated arms served by the one VLA node (graph mode), each running every episode
+    of the schedule on its own layouts; ``time_scale``: see the module docstring. ``safety``
+    holds the limits as configured (``safety_file`` is where they came from, '' = the
+    package's); ``loop_safety`` the ones the loop runs with, time-scaled.
     """
 
     tasks: tuple[str, ...] = tuple(TASKS)
@@ -99,6 +120,9 @@ class EvalConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     gripper_convention: str = 'raw'
     random_seed: int = 12345
+    arms: int = 1
+    time_scale: float = 1.0
+    safety_file: str = ''
 
     def __post_init__(self) -> None:
         """Validate the fields (ConfigError names the bad one)."""
@@ -115,6 +139,35 @@ class EvalConfig:
             raise ConfigError('episodes must be >= 1 and baseline_episodes >= 0')
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f'max_steps must be >= 1, got {self.max_steps}')
+        if not 1 <= self.arms <= 64:
+            raise ConfigError(f'arms must be 1..64, got {self.arms}')
+        if not (math.isfinite(self.time_scale) and 0.1 <= self.time_scale <= 100.0):
+            raise ConfigError(f'time_scale must be in [0.1, 100], got {self.time_scale}')
+
+    @property
+    def loop_safety(self) -> SafetyConfig:
+        """The limits the loop runs with: ``safety`` with its time constants scaled."""
+        if self.time_scale == 1.0:
+            return self.safety
+        return SafetyConfig.from_dict({**self.safety.to_dict(), **self.scaled_safety()})
+
+    def scaled_safety(self) -> dict[str, float]:
+        """The safety parameters ``time_scale`` changes, with their new values ({} at 1)."""
+        if self.time_scale == 1.0:
+            return {}
+        s, safety = self.time_scale, self.safety
+        out = {name: getattr(safety, name) * s for name in _TIMES}
+        out.update({name: getattr(safety, name) / s for name in _SPEEDS})
+        out.update({name: getattr(safety, name) / s**2 for name in _ACCELS})
+        return out
+
+    def arm_names(self) -> list[str]:
+        """The arms' namespaces: ``arm1``, ``arm2``, ... ('' alone for a single arm)."""
+        return [f'arm{a}' for a in range(1, self.arms + 1)] if self.arms > 1 else ['']
+
+    def arm_seed_offset(self, arm: str) -> int:
+        """How much higher arm ``arm``'s layout seeds are than the single-arm ones."""
+        return self.arm_names().index(arm) * ARM_SEED_STRIDE
 
     def episodes_for(self, policy: str) -> int:
         """Episodes per task for ``policy``."""
@@ -152,6 +205,7 @@ class EpisodeResult:
     inference_ms: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     actions: int = 0
+    arm: str = ''
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (inference times summarized)."""
@@ -391,11 +445,13 @@ class _GraphEvaluator:
     """
 
     def __init__(self, context: Any, namespace: str, stand_in: str | None,
-                 config: EvalConfig) -> None:
+                 config: EvalConfig, arm: str = '') -> None:
         import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
         from std_msgs.msg import Bool, String
 
+        from vla_ros.bringup import arm_namespace, arm_topic
         from vla_ros.msg import Observation, SafetyStatus, VlaAction
         from vla_ros.nodes import qos
 
@@ -404,19 +460,26 @@ class _GraphEvaluator:
                               durability=DurabilityPolicy.TRANSIENT_LOCAL)
         reliable = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
 
-        ns = '/' + namespace.strip('/')
-        self.node = rclpy.create_node('vla_ros_eval', context=context)
+        ns = '/' + arm_namespace(arm, namespace)
+        self.arm = arm
+        self.node = rclpy.create_node(f'vla_ros_eval_{arm}' if arm else 'vla_ros_eval',
+                                      context=context)
         self._lock = threading.Condition()
         self.success_msgs: list[tuple[float, bool]] = []
         self.actions: list[tuple[float, Any]] = []
         self.statuses: list[tuple[float, Any]] = []
         self.instr_pub = self.node.create_publisher(String, f'{ns}/instruction',
                                                   qos.LATCHED)
-        self.node.create_subscription(Bool, '/sim/task_success', self._on_success, keep_all)
+        self.node.create_subscription(Bool, arm_topic(arm, '/sim/task_success'),
+                                      self._on_success, keep_all)
         self.node.create_subscription(SafetyStatus, f'{ns}/safety_status',
                                       lambda m: self._keep(self.statuses, m), keep_all)
         self.world_state: WorldState | None = None
-        self.node.create_subscription(String, '/sim/world_state', self._on_world_state, 10)
+        self.node.create_subscription(String, arm_topic(arm, '/sim/world_state'),
+                                      self._on_world_state, 10)
+        #: The VLA node's last diagnostics (its policy status and its arms'), by status name.
+        self.vla_diagnostics: dict[str, dict[str, str]] = {}
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
         self.stand_in = stand_in
         self.config = config
         self._seeds: dict[int, tuple[Task, int]] = {}
@@ -447,6 +510,11 @@ class _GraphEvaluator:
 
     def _on_success(self, msg: Any) -> None:
         self._keep(self.success_msgs, bool(msg.data))
+
+    def _on_diagnostics(self, msg: Any) -> None:
+        for status in msg.status:
+            if 'vla_node: ' in status.name:
+                self.vla_diagnostics[status.name] = {kv.key: kv.value for kv in status.values}
 
     def _on_world_state(self, msg: Any) -> None:
         try:
@@ -519,13 +587,32 @@ def _graph_specs(config: EvalConfig, policy: str, namespace: str, sim_seed: int)
               'model_path': config.checkpoint or str(default_checkpoint())}
     if config.unnorm_key:
         values['unnorm_key'] = config.unnorm_key
+    if config.safety_file:
+        values['safety_config'] = config.safety_file
+    if config.arms > 1:
+        values['robots'] = ','.join(config.arm_names())
+    overrides: dict[str, dict[str, Any]] = {}
+    if config.time_scale != 1.0:
+        from vla_ros.nodes.camera_node import PARAMS as CAMERA_PARAMS
+        from vla_ros.nodes.vla_node import PARAMS as VLA_PARAMS
+
+        def default(params: Sequence[Any], name: str) -> float:
+            return float(next(p.default for p in params if p.name == name))
+
+        overrides = {
+            'camera_node': {'policy_rate_hz':
+                            default(CAMERA_PARAMS, 'policy_rate_hz') / config.time_scale},
+            'vla_node': {'max_observation_age':
+                         default(VLA_PARAMS, 'max_observation_age') * config.time_scale},
+            'safety_node': config.scaled_safety()}
     specs = []
     for spec in node_specs(values):
         if spec.name == 'vla_node' and policy != 'vla':
             continue
+        parameters = {**spec.parameters, **overrides.get(spec.name, {})}
         if spec.name == 'sim_arm_node':
-            spec = dataclasses.replace(spec, parameters={**spec.parameters, 'seed': sim_seed})
-        specs.append(spec)
+            parameters['seed'] = sim_seed + config.arm_seed_offset(spec.arm)
+        specs.append(dataclasses.replace(spec, parameters=parameters))
     return specs
 
 
@@ -638,18 +725,22 @@ class _Graph:
 
 def run_graph(config: EvalConfig, namespace: str = 'vla', domain_id: int | None = None,
               progress: Callable[[EpisodeResult], None] | None = None,
-              startup_timeout: float = 90.0, log_dir: str | None = None
+              startup_timeout: float = 90.0, log_dir: str | None = None,
+              diagnostics: dict[str, dict[str, dict[str, str]]] | None = None
               ) -> list[EpisodeResult]:
     """Evaluate every policy of ``config`` through the real node processes over DDS.
 
     The graph is started afresh per policy (so every policy sees the same layouts) on
-    ``domain_id`` (None: the environment's), torch limited to one thread per process. Episode
-    time limit: the step budget times the action period, plus 3 s.
+    ``domain_id`` (None: the environment's), torch limited to one thread per process. With
+    several arms, each arm runs the whole schedule on its own layouts, all arms at once (one
+    thread each). Episode time limit: the step budget times the loop's action period, plus
+    3 s. ``diagnostics`` (optional) receives the VLA node's last diagnostics per policy.
     """
     import rclpy
     from rclpy.context import Context
 
     results: list[EpisodeResult] = []
+    lock = threading.Lock()
     env = _node_env(domain_id)
     for policy in config.policies:
         schedule = config.schedule(policy)
@@ -658,31 +749,69 @@ def run_graph(config: EvalConfig, namespace: str = 'vla', domain_id: int | None 
         graph = _Graph(_graph_specs(config, policy, namespace, config.seed), namespace, env)
         context = Context()
         rclpy.init(context=context, domain_id=domain_id)
-        ev = None
+        evaluators: list[_GraphEvaluator] = []
         try:
             stand_in = None if policy == 'vla' else policy
-            ev = _GraphEvaluator(context, namespace, stand_in, config)
-            _wait_ready(ev, graph, policy, startup_timeout)
-            for k, task, seed in schedule:
-                timeout = config.steps_for(task) * config.safety.action_period + 3.0
-                result = _episode_from_graph(ev, policy, task, seed, k, timeout)
-                results.append(result)
-                if progress is not None:
-                    progress(result)
-                dead = graph.bringup.dead()
-                if dead is not None:
-                    raise RuntimeError(f'node process {dead[0]} died during the evaluation '
-                                       f'(code {dead[1]})')
+            for arm in config.arm_names():
+                evaluators.append(_GraphEvaluator(context, namespace, stand_in, config, arm))
+            for ev in evaluators:
+                _wait_ready(ev, graph, policy, startup_timeout)
+            failures: list[BaseException] = []
+
+            def record(result: EpisodeResult) -> None:
+                with lock:
+                    results.append(result)
+                    if progress is not None:
+                        progress(result)
+
+            threads = [threading.Thread(
+                target=_run_arm, daemon=True,
+                args=(ev, graph, policy, schedule, config, record, failures))
+                for ev in evaluators]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if failures:
+                raise failures[0]
+            if diagnostics is not None:
+                diagnostics[policy] = dict(evaluators[0].vla_diagnostics)
         finally:
-            if ev is not None:
+            for ev in evaluators:
                 ev.close()
             rclpy.try_shutdown(context=context)
             graph.stop()
             if log_dir:
                 Path(log_dir).mkdir(parents=True, exist_ok=True)
                 for name in graph.bringup.procs:
-                    (Path(log_dir) / f'{policy}_{name}.log').write_text(graph.output(name))
+                    (Path(log_dir) / f'{policy}_{name.replace("/", "_")}.log').write_text(
+                        graph.output(name))
     return results
+
+
+def _run_arm(ev: _GraphEvaluator, graph: _Graph, policy: str,
+             schedule: Sequence[tuple[int, Task, int]], config: EvalConfig,
+             record: Callable[[EpisodeResult], None], failures: list[BaseException]) -> None:
+    """Run the schedule on one arm, in its own thread.
+
+    An exception goes to ``failures``, which also stops the other arms after their episode.
+    """
+    offset = config.arm_seed_offset(ev.arm)
+    period = config.loop_safety.action_period
+    try:
+        for k, task, seed in schedule:
+            if failures:
+                return
+            timeout = config.steps_for(task) * period + 3.0
+            result = _episode_from_graph(ev, policy, task, seed + offset, k, timeout)
+            result.arm = ev.arm
+            record(result)
+            dead = graph.bringup.dead()
+            if dead is not None:
+                raise RuntimeError(f'node process {dead[0]} died during the evaluation '
+                                   f'(code {dead[1]})')
+    except BaseException as exc:  # noqa: BLE001 - re-raised by run_graph
+        failures.append(exc)
 
 
 def _wait_ready(ev: _GraphEvaluator, graph: _Graph, policy: str, timeout: float) -> None:
@@ -712,35 +841,55 @@ def _wait_ready(ev: _GraphEvaluator, graph: _Graph, policy: str, timeout: float)
 
 
 def _print_progress(result: EpisodeResult) -> None:
-    logger.info('%-6s %-11s seed %-5d %-7s steps %2d  limited %2d  stops %d  %s', result.policy,
-                result.task, result.seed, 'SUCCESS' if result.success else 'fail', result.steps,
-                result.limited_actions, result.stops, result.end_reason[:60])
+    logger.info('%-6s %s%-11s seed %-5d %-7s steps %2d  limited %2d  stops %d  %s',
+                result.policy, f'{result.arm} ' if result.arm else '', result.task, result.seed,
+                'SUCCESS' if result.success else 'fail', result.steps, result.limited_actions,
+                result.stops, result.end_reason[:60])
 
 
 def evaluate(config: EvalConfig, mode: str = 'graph', json_path: str | None = None,
-             domain_id: int | None = None, log_dir: str | None = None) -> dict[str, Any]:
+             domain_id: int | None = None, log_dir: str | None = None,
+             command: str = '') -> dict[str, Any]:
     """Run the evaluation, log the table, optionally write JSON; return the report."""
     start = time.perf_counter()
+    diagnostics: dict[str, dict[str, dict[str, str]]] = {}
     if mode == 'graph':
         results = run_graph(config, domain_id=domain_id, progress=_print_progress,
-                            log_dir=log_dir)
+                            log_dir=log_dir, diagnostics=diagnostics)
     elif mode == 'in-process':
+        if config.arms != 1 or config.time_scale != 1.0:
+            raise ConfigError('arms and time_scale apply to the graph only (the in-process '
+                              'loop runs one arm on a simulated clock)')
         results = run_in_process(config, progress=_print_progress)
     else:
         raise ConfigError(f"mode must be 'graph' or 'in-process', got {mode!r}")
     summaries = summarize(results)
-    report = {
+    report: dict[str, Any] = {
+        'command': command,
         'mode': mode,
         'checkpoint': config.checkpoint or str(default_checkpoint()),
         'episodes_per_task': {p: config.episodes_for(p) for p in config.policies},
         'tasks': list(config.tasks), 'seed': config.seed,
+        'arms': config.arm_names() if config.arms > 1 else 1,
+        'time_scale': config.time_scale,
         'safety': config.safety.to_dict(),
+        'loop_safety_changes': config.scaled_safety(),
         'seconds': round(time.perf_counter() - start, 1),
         'summary': [dataclasses.asdict(s) for s in summaries],
-        'episodes': [r.to_dict() for r in results],
     }
-    print(format_report(summaries, f'closed-loop evaluation ({mode}), '
-                                   f'{report["seconds"]:.0f} s'), flush=True)
+    title = f'closed-loop evaluation ({mode}), {report["seconds"]:.0f} s'
+    if config.arms > 1:
+        report['per_arm'] = {
+            arm: [dataclasses.asdict(s) for s in summarize([r for r in results if r.arm == arm])]
+            for arm in config.arm_names()}
+        title += f', {config.arms} arms served by one VLA node'
+        if config.time_scale != 1.0:
+            title += f', time x{config.time_scale:g}'
+    report['vla_diagnostics'] = diagnostics
+    report['episodes'] = [r.to_dict() for r in results]
+    print(format_report(summaries, title), flush=True)
+    for arm, rows in report.get('per_arm', {}).items():
+        print(format_report([TaskSummary(**row) for row in rows], f'-- {arm}'), flush=True)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=1) + '\n', encoding='utf-8')
     return report
@@ -770,6 +919,12 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument('--domain-id', type=int, default=None)
     parser.add_argument('--json', default=None, help='write the full report here')
     parser.add_argument('--log-dir', default=None, help='keep the node logs here (graph mode)')
+    parser.add_argument('--arms', type=int, default=1,
+                        help='simulated arms served by one VLA node in one batch (graph mode): '
+                             'each runs every episode on its own layouts, all at once')
+    parser.add_argument('--time-scale', dest='time_scale', type=float, default=1.0,
+                        help='run the loop this many times slower, every time constant '
+                             'together (graph mode; for a CPU too slow for the 0.2 s period)')
 
 
 def run_from_args(opts: Any) -> int:
@@ -783,19 +938,26 @@ def run_from_args(opts: Any) -> int:
                         policies=tuple(_iter_csv(opts.policies)), seed=opts.seed,
                         max_steps=opts.max_steps, checkpoint=opts.model_path,
                         unnorm_key=opts.unnorm_key,
-                        safety=load_safety_config(opts.safety_config))
+                        safety=load_safety_config(opts.safety_config),
+                        safety_file=opts.safety_config or '', arms=opts.arms,
+                        time_scale=opts.time_scale)
     evaluate(config, 'in-process' if opts.in_process else 'graph', opts.json, opts.domain_id,
-             opts.log_dir)
+             opts.log_dir, command=getattr(opts, 'command', ''))
     return 0
 
 
 def main(argv: Sequence[str] | None = None, prog: str = 'python -m vla_ros.eval') -> int:
     """``vla-ros eval --sim ...`` and ``python -m vla_ros.eval --sim ...``."""
     import argparse
+    import shlex
+    import sys
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n')[0])
     add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = parser.parse_args(argv)
+    opts.command = ' '.join([prog, *map(shlex.quote, argv)])
+    return run_from_args(opts)
 
 
 if __name__ == '__main__':
