@@ -356,11 +356,19 @@ def test_the_multi_arm_graph_is_the_robots_bringup_with_per_arm_layouts() -> Non
 
 
 @pytest.mark.graph
-def test_two_arms_served_by_one_vla_node_do_their_tasks_in_closed_loop(domain_id: int) -> None:
+def test_two_arms_served_by_one_vla_node_do_their_tasks_in_closed_loop(
+        domain_id: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # vla-ros bringup --sim --arg robots:=arm1,arm2 (the shipped checkpoint on the CPU): two
     # cameras, one VLA node batching both arms, two safety nodes, two simulated arms, each arm
     # on its own layouts, both at once. Time x6: a 2-core machine cannot run the batch within
     # the 0.2 s period; bench/results/eval_graph_4arms.json has the 4-arm figures.
+    # Latches an earlier run persisted for these safety nodes do not reach the evaluation's.
+    from vla_ros.core.safety.latch import LatchFile, default_latch_path
+
+    monkeypatch.setenv('XDG_STATE_HOME', str(tmp_path))
+    for arm in ('arm1', 'arm2'):
+        LatchFile(default_latch_path(f'/{arm}/vla/safety_node')).write(
+            'protective stop: left by an earlier run', f'/{arm}/vla/safety_node')
     config = EvalConfig(episodes=1, tasks=('reach_red', 'reach_blue'), policies=('vla',),
                         seed=7100, arms=2, time_scale=6.0)
     diagnostics: dict = {}

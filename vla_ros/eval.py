@@ -10,7 +10,9 @@ tasks, uses layout seed ``seed + k``, the numbering of ``sim_arm_node``, which r
   limit, and reads ``/vla/action`` and ``/vla/safety_status``. The baselines take the VLA node's
   place in the same graph: a stand-in node answers each ``Observation`` with a ``VlaAction``
   from the scripted expert (on the simulator's ground truth ``/sim/world_state``) or from the
-  random policy.
+  random policy. Each graph keeps its safety nodes' latch files in a state folder of its own;
+  an episode that ends latched (a protective stop) fails, and the evaluator then calls the
+  safety node's ``~/reset``, as an operator would, before the next one.
 * ``in-process`` (quick iteration): ``World`` + the camera node's preprocessing + the policy +
   the pure ``SafetyLimiter`` with the same configuration (joint states and ticks at its output
   rate) + the world stepped by the limited twist, on a simulated clock.
@@ -38,6 +40,7 @@ import logging
 import math
 import os
 import statistics
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -206,6 +209,7 @@ class EpisodeResult:
     wall_s: float = 0.0
     actions: int = 0
     arm: str = ''
+    stop_reasons: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (inference times summarized)."""
@@ -213,6 +217,12 @@ class EpisodeResult:
         ms = out.pop('inference_ms')
         out['inference_ms_median'] = statistics.median(ms) if ms else None
         return out
+
+
+def _count_stop(result: EpisodeResult, reason: str) -> None:
+    """Count a stop under its kind: the reason up to its first colon ('camera stale')."""
+    kind = reason.split(':', 1)[0].strip() or 'unknown'
+    result.stop_reasons[kind] = result.stop_reasons.get(kind, 0) + 1
 
 
 @dataclass
@@ -362,6 +372,7 @@ def run_episode(world: World, limiter: SafetyLimiter, policy: PolicyFn, task: Ta
         if decision.state is not state and decision.state in _STOP_STATES:
             result.stops += 1
             result.end_reason = decision.reason
+            _count_stop(result, decision.reason)
         state = decision.state
 
     for step in range(config.steps_for(task)):
@@ -491,12 +502,30 @@ class _GraphEvaluator:
             self.action_pub = self.node.create_publisher(VlaAction, f'{ns}/action', qos.ACTION)
             self.node.create_subscription(Observation, f'{ns}/observation', self._on_observation,
                                           qos.LATEST)
+        from std_srvs.srv import Trigger
+        self._Trigger = Trigger
+        self._reset = self.node.create_client(Trigger, f'{ns}/safety_node/reset')
         self._VlaAction = VlaAction
         self._String = String
         self.executor = rclpy.executors.SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)
         self._thread = threading.Thread(target=self.executor.spin, daemon=True)
         self._thread.start()
+
+    def latched(self) -> bool:
+        """Whether the safety node's last status is a latched stop (ESTOP)."""
+        with self._lock:
+            return bool(self.statuses) and self.statuses[-1][1].state == 4
+
+    def reset(self, timeout: float = 10.0) -> bool:
+        """Call the safety node's ``~/reset``; True when it answered with success."""
+        if not self._reset.wait_for_service(timeout_sec=timeout):
+            return False
+        future = self._reset.call_async(self._Trigger.Request())
+        end = time.monotonic() + timeout
+        while not future.done() and time.monotonic() < end:
+            time.sleep(0.02)
+        return future.done() and bool(future.result().success)
 
     def close(self) -> None:
         """Stop spinning and destroy the node."""
@@ -616,10 +645,12 @@ def _graph_specs(config: EvalConfig, policy: str, namespace: str, sim_seed: int)
     return specs
 
 
-def _node_env(domain_id: int | None) -> dict[str, str]:
+def _node_env(domain_id: int | None, state_dir: str | None = None) -> dict[str, str]:
     from vla_ros.bringup import config_dir
 
     env = dict(os.environ)
+    if state_dir is not None:  # the safety nodes' latch files: this run's own
+        env['XDG_STATE_HOME'] = state_dir
     env.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
     env.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', str(config_dir() / 'fastdds_shm.xml'))
     env['PYTHONUNBUFFERED'] = '1'
@@ -678,6 +709,7 @@ def _episode_from_graph(ev: _GraphEvaluator, policy: str, task: Task, seed: int,
         if s.state != previous and s.state in (2, 3, 4):
             result.stops += 1
             result.end_reason = s.reason
+            _count_stop(result, s.reason)
         previous = s.state
     result.limited_actions = len(by_step)
     result.limits = dict(Counter(name for names in by_step.values() for name in names))
@@ -741,11 +773,14 @@ def run_graph(config: EvalConfig, namespace: str = 'vla', domain_id: int | None 
 
     results: list[EpisodeResult] = []
     lock = threading.Lock()
-    env = _node_env(domain_id)
     for policy in config.policies:
         schedule = config.schedule(policy)
         if not schedule:
             continue
+        # A latch a safety node persisted in another run (of this machine's user) must not
+        # start this one latched, and this run's latches must not outlive it.
+        state_dir = tempfile.TemporaryDirectory(prefix='vla_ros_eval_')
+        env = _node_env(domain_id, state_dir.name)
         graph = _Graph(_graph_specs(config, policy, namespace, config.seed), namespace, env)
         context = Context()
         rclpy.init(context=context, domain_id=domain_id)
@@ -781,6 +816,7 @@ def run_graph(config: EvalConfig, namespace: str = 'vla', domain_id: int | None 
                 ev.close()
             rclpy.try_shutdown(context=context)
             graph.stop()
+            state_dir.cleanup()
             if log_dir:
                 Path(log_dir).mkdir(parents=True, exist_ok=True)
                 for name in graph.bringup.procs:
@@ -806,6 +842,10 @@ def _run_arm(ev: _GraphEvaluator, graph: _Graph, policy: str,
             result = _episode_from_graph(ev, policy, task, seed + offset, k, timeout)
             result.arm = ev.arm
             record(result)
+            if ev.latched():  # as an operator would, once the episode has failed
+                logger.warning('%s: %s; resetting before the next episode',
+                               ev.arm or 'the arm', result.end_reason)
+                ev.reset()
             dead = graph.bringup.dead()
             if dead is not None:
                 raise RuntimeError(f'node process {dead[0]} died during the evaluation '
