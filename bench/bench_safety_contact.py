@@ -11,7 +11,8 @@ truth on ``world_state``, interpolated within its integration sub-step), the sta
 zero twist the safety node computed after it, and the deepest penetration of the contact event
 (``peak_depth``, read 0.5 s after the stop). Between trials ``~/reset`` clears the latch and the
 next episode moves the arm away. A second part drives the fingertips towards the table plane (no
-block below) and counts table contacts: the table-plane stage must refuse every one.
+block below) and counts table contacts: the table-plane stage must refuse every one (the workspace
+floor is lowered to -0.1 m for the bench, so that the table plane alone guards the table).
 
     .venv/bin/python bench/bench_safety_contact.py --trials 60
 """
@@ -38,7 +39,7 @@ from vla_ros.nodes import qos
 from vla_ros.sim.state import WorldStateError, from_json
 from vla_ros.testing import NodeProcess, node_processes, rclpy_context, reserved_domain, ros_env
 from vla_ros.testing.graph import SafetyHarness, twist_vector
-from vla_ros.testing.safety_fuzz import SAFETY_ARGS
+from vla_ros.testing.safety_fuzz import FINGERTIPS, SAFETY_ARGS
 
 SIM_ARGS = ['--ros-args', '-r', 'twist:=/servo_node/delta_twist_cmds',
             '-r', 'gripper_command:=/vla/gripper_command', '-r', 'episode:=/vla/episode',
@@ -53,6 +54,7 @@ class World:
         self.lock = threading.Lock()
         self.states: list = []
         self.tcp: np.ndarray | None = None
+        self.q: np.ndarray | None = None
         h.node.create_subscription(String, '/world_state', self._on_world, 50)
         h.node.create_subscription(JointState, '/joint_states', self._on_joints,
                                    qos.JOINT_STATES)
@@ -72,7 +74,7 @@ class World:
             return
         pos, _ = self.kin.fk(q)
         with self.lock:
-            self.tcp = pos
+            self.tcp, self.q = pos, q
 
     def latest(self, seed: int | None = None):  # noqa: ANN201
         with self.lock:
@@ -176,7 +178,10 @@ def table_trial(h: SafetyHarness, world: World, text: str) -> dict:
         h.action([0.0, 0.0, -0.03, 0.0, 0.0, 0.0, 1.0])
         time.sleep(0.2)
     touches = [p for s in world.states[n:] for p in s.contact.pairs if p.obstacle == 'table']
+    kin = ArmKinematics.from_urdf_file(default_urdf_path(), contact_frames=FINGERTIPS)
+    q = kin.neutral() if world.q is None else world.q
     return {'table_touches': len(touches), 'tcp_z_m': float(world.tcp[2]),
+            'lowest_fingertip_z_m': float(kin.contact_points(q)[:, 2].min()),
             'reason': h.last_status().reason}
 
 
@@ -200,8 +205,10 @@ def main() -> int:
     trials, skipped, tables = [], [], []
     with tempfile.TemporaryDirectory() as tmp, reserved_domain() as domain:
         env = ros_env(domain)
+        # the workspace floor lowered so that the table plane alone guards the table
         safety = NodeProcess('vla_ros.nodes.safety_node', SAFETY_ARGS + [
-            '-p', f'latch_file:={Path(tmp) / "latch"}'], env=env)
+            '-p', f'latch_file:={Path(tmp) / "latch"}',
+            '-p', 'workspace_min:=[0.15, -0.45, -0.1]'], env=env)
         sim = NodeProcess('vla_ros.nodes.sim_arm_node', SIM_ARGS, env=env)
         with node_processes(safety, sim), rclpy_context(domain) as ctx:
             h = SafetyHarness(ctx)

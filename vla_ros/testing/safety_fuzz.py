@@ -211,8 +211,8 @@ def check(h: SafetyHarness, rec: FuzzRecord, config: SafetyConfig | None = None
     out.update(counts)
     changes = [r.t for r in grippers]
     gaps = np.diff(changes) if len(changes) > 1 else np.array([math.inf])
-    # receipt times: allow 20 ms of transport jitter on the 0.5 s dwell
-    out['gripper_dwell'] = int((gaps < c.gripper_min_dwell - 0.02).sum())
+    # receipt times (a gripper command has no stamp): 50 ms of transport jitter on the dwell
+    out['gripper_dwell'] = int((gaps < c.gripper_min_dwell - 0.05).sum())
     table_contacts: dict[str, float] = {}  # arm body -> deepest penetration of the table
     for text in rec.world:
         try:

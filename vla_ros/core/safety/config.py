@@ -119,6 +119,11 @@ class SafetyConfig:
     singularity_threshold: float = _spec(
         0.01, '', 'Below this smallest singular value of the 6xN Jacobian, motion towards the '
         'singularity is refused; motion away from it is allowed', 0.0, 1.0)
+    driver_command_timeout: float = _spec(
+        0.25, 's', 'How long the driver keeps executing the last command when no new one arrives '
+        "(MoveIt Servo's incoming_command_timeout); the braking stages predict the motion over "
+        'the longer of this and action_period, plus the joint state age', 0.0, 10.0,
+        low_open=True)
     action_timeout: float = _spec(
         0.5, 's', 'A held action older than this (since it was received) stops the arm (at least '
         'action_period)', 1e-3, 60.0)

@@ -240,6 +240,7 @@ class SafetyLimiter:
                     f'{narrow}')
         self._bounds = Bounds.build(c, kinematics)
         self._period = c.action_period
+        self._hold = max(c.action_period, c.driver_command_timeout)  # a command stays in force
         self._tick_period = 1.0 / c.output_rate_hz
         self._wd = Watchdogs(c, needs_joint_state=kinematics is not None)
         self._gripper = GripperGate(c.gripper_close_above, c.gripper_open_below,
@@ -408,7 +409,7 @@ class SafetyLimiter:
             return _ZERO6, ['joint:no_state'], 'no valid joint state', True
         prev = self._out
         dt = min(max(0.0, t - self._out_time), self._tick_period)
-        horizon = self._period + (max(0.0, t - view.time) if view is not None else 0.0)
+        horizon = self._hold + (max(0.0, t - view.time) if view is not None else 0.0)
         ctx = Context(self._bounds, prev, dt, horizon, view, kin,
                       None if self._contact is None else self._contact[0])
         v, limits, reason = run_stages(OUTPUT_STAGES, self._held.copy(), ctx)
@@ -431,7 +432,7 @@ class SafetyLimiter:
         """
         t = max(float(now), self._last_now) if math.isfinite(now) else self._last_now
         view = self._view
-        horizon = self._period + (max(0.0, t - view.time) if view is not None else 0.0)
+        horizon = self._hold + (max(0.0, t - view.time) if view is not None else 0.0)
         ctx = Context(self._bounds, self._out, 0.0, horizon, view, self.kinematics,
                       None if self._contact is None else self._contact[0])
         if self.kinematics is not None and view is None:

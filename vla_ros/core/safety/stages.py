@@ -24,8 +24,9 @@ node publishes, the action's and each re-published tick's, against the newest jo
 
 Because stages 2-5 brake no harder than the acceleration bound allows, the pipeline's result
 normally keeps the acceleration bound; the limiter checks it once more after the last stage and
-stops the arm when it cannot be kept. ``horizon`` is the action period plus the joint state's
-age: the time the command may stay in force before a fresher one can replace it.
+stops the arm when it cannot be kept. ``horizon`` is the longer of the action period and the
+driver's command timeout, plus the joint state's age: the time the command may stay in force
+(the driver executes it until its timeout if the safety node falls silent).
 """
 
 from __future__ import annotations
