@@ -11,8 +11,8 @@ tasks, uses layout seed ``seed + k``, the numbering of ``sim_arm_node``, which r
   place in the same graph: a stand-in node answers each ``Observation`` with a ``VlaAction``
   from the scripted expert (on the simulator's ground truth ``/sim/world_state``) or from the
   random policy. Each graph keeps its safety nodes' latch files in a state folder of its own;
-  an episode that ends latched (a protective stop) fails, and the evaluator then calls the
-  safety node's ``~/reset``, as an operator would, before the next one.
+  an episode that ends latched (a protective stop) fails, and once the next episode's scene is
+  in place the evaluator calls the safety node's ``~/reset``, as an operator would.
 * ``in-process`` (quick iteration): ``World`` + the camera node's preprocessing + the policy +
   the pure ``SafetyLimiter`` with the same configuration (joint states and ticks at its output
   rate) + the world stepped by the limited twist, on a simulated clock.
@@ -678,6 +678,15 @@ def _episode_from_graph(ev: _GraphEvaluator, policy: str, task: Task, seed: int,
         logger.warning('episode %d: no reset acknowledgement from sim_arm_node', k)
     first_false = next((i for i in range(n_success, len(ev.success_msgs))
                         if not ev.success_msgs[i][1]), len(ev.success_msgs))
+    if ev.latched():
+        # A stop an earlier episode latched (that episode failed): reset it as an operator
+        # would, now that the scene and the arm are back in place (before, the arm may still
+        # press into the contact that latched it, and the next action latches it again).
+        logger.warning('%s: reset before episode %d: %s', ev.arm or 'the arm', k,
+                       ev.statuses[-1][1].reason)
+        if not ev.reset():
+            logger.warning('%s: the reset was not accepted', ev.arm or 'the arm')
+        n_status = len(ev.statuses)
 
     def mine(msg: Any) -> bool:
         return int(msg.episode_id) == k
@@ -842,10 +851,6 @@ def _run_arm(ev: _GraphEvaluator, graph: _Graph, policy: str,
             result = _episode_from_graph(ev, policy, task, seed + offset, k, timeout)
             result.arm = ev.arm
             record(result)
-            if ev.latched():  # as an operator would, once the episode has failed
-                logger.warning('%s: %s; resetting before the next episode',
-                               ev.arm or 'the arm', result.end_reason)
-                ev.reset()
             dead = graph.bringup.dead()
             if dead is not None:
                 raise RuntimeError(f'node process {dead[0]} died during the evaluation '
