@@ -111,6 +111,7 @@ class VlaNode(LifecycleNode):
         self._stopping = threading.Event()
         self._fresh = threading.Event()
         self._worker: threading.Thread | None = None
+        self._stats = threading.Lock()  # the worker's figures, read by the diagnostics timer
         self._batch_ms: collections.deque[float] = collections.deque(maxlen=_WINDOW)
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=_WINDOW)
         self.batches = 0
@@ -271,9 +272,10 @@ class VlaNode(LifecycleNode):
         start = time.perf_counter()
         outputs = self.policy.predict_batch([image for _, _, image in samples],
                                             [obs.instruction for _, obs, _ in samples])
-        self._batch_ms.append((time.perf_counter() - start) * 1e3)
-        self._batch_sizes.append(len(samples))
-        self.batches += 1
+        with self._stats:
+            self._batch_ms.append((time.perf_counter() - start) * 1e3)
+            self._batch_sizes.append(len(samples))
+            self.batches += 1
         if self._stopping.is_set():
             return 0
         published = 0
@@ -323,11 +325,12 @@ class VlaNode(LifecycleNode):
         msg.inference_ms = float(out.timings['total'])
         msg.instruction = obs.instruction
         arm.publisher.publish(msg)
-        arm.published += 1
-        arm.inference_ms.append(msg.inference_ms)
-        if obs.header.stamp.sec:
-            age = self.get_clock().now() - rclpy.time.Time.from_msg(obs.header.stamp)
-            arm.latency_ms.append(age.nanoseconds * 1e-6)
+        age = self.get_clock().now() - rclpy.time.Time.from_msg(obs.header.stamp)
+        with self._stats:
+            arm.published += 1
+            arm.inference_ms.append(msg.inference_ms)
+            if obs.header.stamp.sec:
+                arm.latency_ms.append(age.nanoseconds * 1e-6)
 
     # -- diagnostics -----------------------------------------------------------------------
     @property
@@ -345,6 +348,10 @@ class VlaNode(LifecycleNode):
         else:
             status.level = DiagnosticStatus.OK
             status.message = 'running' if self._active.is_set() else 'loaded, inactive'
+        with self._stats:
+            self._publish_diagnostics_locked(status)
+
+    def _publish_diagnostics_locked(self, status: DiagnosticStatus) -> None:
         inference = [ms for arm in self.arms for ms in arm.inference_ms]
         status.values = [
             KeyValue(key='actions_published', value=str(self.actions_published)),
