@@ -170,11 +170,13 @@ def test_bringup_instruct_estop_reset_and_clean_shutdown(domain_id: int, tmp_pat
             assert done.returncode == 0 and 'estop latched' in done.stdout, done.stdout
             estop = obs.first_status(lambda s: s.state == SafetyStatus.STATE_ESTOP, n_status)
             assert estop is not None and 'estop service' in estop.msg.reason
-            time.sleep(1.5)
+            # The policy keeps asking (three actions after the e-stop, however slow inference is
+            # on a loaded machine), and every twist meanwhile is zero.
+            assert wait_for(lambda: len(obs.stamped_after(obs.actions, acked)) >= 3
+                            and len(obs.stamped_after(obs.twists, estop.stamp_ns)) >= 75, 20), \
+                'the policy stopped asking'
             held = obs.stamped_after(obs.twists, estop.stamp_ns)
-            assert len(held) >= 30, f'{len(held)} twists in 1.5 s at 50 Hz'
             assert all(_zero(r) for r in held), [twist_vector(r.msg) for r in held if not _zero(r)]
-            assert len(obs.stamped_after(obs.actions, acked)) >= 3, 'the policy stopped asking'
             still = obs.positions_since(estop.stamp_ns + 400_000_000)  # sim: 0.25 s hold
             assert len(still) > 50 and _spread(still) < 1e-9, 'arm moved in e-stop'
             assert obs.statuses[-1].msg.state == SafetyStatus.STATE_ESTOP

@@ -56,8 +56,8 @@ def _bringup_env() -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGINT if the runner dies (Linux), so no node outlives it."""
+def die_with_parent() -> None:
+    """In the child, before exec: get SIGINT if the parent dies (Linux), so no node outlives it."""
     try:
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG = 1
@@ -96,7 +96,7 @@ class Bringup:
                 proc = subprocess.Popen(
                     cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                     start_new_session=True,  # a terminal's Ctrl-C reaches the runner only
-                    preexec_fn=_die_with_parent if sys.platform == 'linux' else None)
+                    preexec_fn=die_with_parent if sys.platform == 'linux' else None)
                 self.procs[spec.label] = proc
                 os.set_blocking(proc.stdout.fileno(), False)
                 self._sel.register(proc.stdout, selectors.EVENT_READ, spec.label)

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from vla_ros.cli import die_with_parent
+
 #: DDS domains handed out to tests (Fast DDS ports for ids 0..101 stay below 32768).
 TEST_DOMAINS = range(1, 102)
 _LOCK_DIR = Path(os.environ.get('VLA_ROS_DOMAIN_LOCKS', '/tmp/vla_ros_domain_locks'))
@@ -126,7 +128,8 @@ class NodeProcess:
         self.proc = subprocess.Popen(
             [*command, *args], env=env, cwd=cwd,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True)
+            start_new_session=True,  # a node never outlives the test or bench that started it
+            preexec_fn=die_with_parent if sys.platform == 'linux' else None)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
