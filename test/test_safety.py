@@ -235,6 +235,32 @@ def test_new_instruction_while_active_stops_and_resets_counters() -> None:
     assert d.state is SafetyState.ACTIVE and d.step_count == 1 and d.episode_id == 1
 
 
+def test_actions_from_frames_before_the_episode_began_are_not_of_it() -> None:
+    """A restarted instruction owner numbers from 1 again: the episode's stamp tells them apart."""
+    rig = Rig(instruction=None)
+    rig.lim.on_episode(1, 'pick up the bowl', rig.t, start=rig.t)
+    rig.instruction = 'pick up the bowl'
+    rig.ep = 1
+    assert rig.act(MOVE).state is SafetyState.ACTIVE
+    # The camera node restarts and announces its episode 1 with the same instruction.
+    start = rig.t + 1.0
+    rig.t = start
+    d = rig.lim.on_episode(1, 'pick up the bowl', rig.t, start=start)
+    assert d.state is SafetyState.IDLE and not d.twist.any()
+    # A late action of the earlier episode 1 (same id, same instruction, a fresh-enough frame)
+    d = rig.act(MOVE, dt=0.05, stamp=start - 0.01)
+    assert not d.accepted and d.state is SafetyState.IDLE and not d.twist.any()
+    assert 'before episode 1 began' in d.reason
+    d = rig.act(MOVE, dt=0.05)
+    assert d.accepted and d.state is SafetyState.ACTIVE
+    # An unknown start (zero, None, not finite) checks nothing, as before.
+    for ep, unknown in enumerate((0.0, None, math.nan, 'x'), start=2):
+        rig.lim.on_episode(ep, 'pick up the bowl', rig.t, start=unknown)
+        rig.ep = ep
+        d = rig.act(MOVE, dt=0.05, stamp=rig.t - 0.01)  # a frame from before the episode
+        assert d.accepted, d.reason
+
+
 # ------------------------------------------------------------------------------ limits, in order
 @pytest.mark.parametrize('index', range(7))
 @pytest.mark.parametrize('bad', [math.nan, math.inf, -math.inf])

@@ -127,7 +127,7 @@ class SafetyNode(Node):
         self._reference: tuple[np.ndarray, float] | None = None
         self._lock = threading.Lock()
         self._vla_alive = False
-        self._episode_key: tuple[int, str] | None = None
+        self._episode_key: tuple[int, str, float] | None = None
         self._last: Decision | None = None
         self._ee_position: np.ndarray | None = None
         self._ee_rotation: np.ndarray | None = None
@@ -250,12 +250,14 @@ class SafetyNode(Node):
                 self._publish(decision)
 
     def _on_episode(self, msg: Episode) -> None:
-        key = (int(msg.episode_id), msg.instruction.strip())
+        start = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+        # The stamp is part of the key: a restarted camera node numbers from 1 again.
+        key = (int(msg.episode_id), msg.instruction.strip(), start)
         if key == self._episode_key:
             return  # the same episode again (a re-delivered latched sample)
         self._episode_key = key
         with self._lock:
-            self._publish(self.limiter.on_episode(key[0], key[1], self._now()),
+            self._publish(self.limiter.on_episode(key[0], key[1], self._now(), start),
                           force_status=True)
 
     def _on_wrench(self, msg: WrenchStamped) -> None:

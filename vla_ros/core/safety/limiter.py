@@ -253,6 +253,7 @@ class SafetyLimiter:
         self._last_now = -math.inf
         self._latch = ''
         self._reset_time: float | None = None
+        self._episode_start: float | None = None  #: when the current episode began [s]
         self._last_stamp: float | None = None
         self._step_count = 0
         self._still_count = 0
@@ -458,12 +459,16 @@ class SafetyLimiter:
         return self._decision(event, t, prev, reason=given or reason, limits=limits, **kw)
 
     # ------------------------------------------------------------------ episode, operator
-    def on_episode(self, episode_id: object, instruction: object, now: float) -> Decision:
+    def on_episode(self, episode_id: object, instruction: object, now: float,
+                   start: object = None) -> Decision:
         """Start episode ``episode_id`` with ``instruction`` (empty or not a string: IDLE).
 
         The arm stops (zero output) until the first action of the new episode; counters, the
         still detector and a waiting step are reset. In ESTOP the latch stays; the new episode
-        takes effect after ``reset``.
+        takes effect after ``reset``. ``start`` (the episode's stamp [s], same clock as the
+        actions' frame stamps; None, zero or not finite: unknown): actions computed from frames
+        taken before it are not of this episode (a restarted instruction owner numbers its
+        episodes from 1 again, so an id alone can name an earlier episode).
         """
         prev = self._state
         t, bad = self._clock(now)
@@ -476,6 +481,11 @@ class SafetyLimiter:
         text = instruction.strip() if isinstance(instruction, str) else ''
         self._instruction = text or None
         self._episode_id = ep if ep >= 0 and self._instruction else -1
+        try:
+            begun = float(start)  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError):
+            begun = math.nan
+        self._episode_start = begun if math.isfinite(begun) and begun > 0.0 else None
         self._last_stamp = None
         self._step_count = 0
         self._still_count = 0
@@ -820,6 +830,9 @@ class SafetyLimiter:
         if self._last_stamp is not None and st <= self._last_stamp:
             return reject(f'out-of-order action ignored: stamp {st:.6f} <= last accepted '
                           f'{self._last_stamp:.6f}', stop=False)
+        if self._episode_start is not None and st < self._episode_start:
+            return reject(f'action computed from a frame taken before episode {ep} began '
+                          f'(stamp {st:.6f} < {self._episode_start:.6f}): ignored', stop=False)
         if self._reset_time is not None and st <= self._reset_time:
             return reject(f'action computed before the reset ignored: stamp {st:.6f} <= reset '
                           f'at {self._reset_time:.6f}', stop=False)
