@@ -464,6 +464,25 @@ def test_outside_the_box_only_motion_back_is_allowed(kin: ArmKinematics) -> None
     assert d.limits_applied == ('workspace:outside', 'workspace:x_max')
 
 
+def test_at_the_wall_only_motion_back_is_allowed(kin: ArmKinematics) -> None:
+    """In the outer half of the margin (reached by drift, never by command): back off only."""
+    pos, _ = kin.fk(kin.neutral())
+    lim = {'workspace_min': (-1.0, -1.0, 0.0), 'workspace_max': (pos[0] + 0.4 * M_M, 1.0, 1.0)}
+    rig = Rig(kin, **lim)
+    slide = (0.0, 0.01, 0.0, 0.0, 0.0, 0.05)  # along the wall and turning: the drift's source
+    d = rig.act(slide)
+    assert not d.twist.any() and d.limits_applied == ('workspace:at_wall',)
+    assert 'only motion back' in d.reason
+    d = rig.act((-0.01, 0.01, 0.0, 0.0, 0.0, 0.05))  # backing off passes, the rest does not
+    np.testing.assert_array_equal(d.twist, [-0.01 / T, 0, 0, 0, 0, 0])
+    # Inside the inner half of the margin sliding and turning are allowed as before.
+    rig = Rig(kin, workspace_min=lim['workspace_min'],
+              workspace_max=(pos[0] + 0.6 * M_M, 1.0, 1.0))
+    d = rig.act(slide)
+    np.testing.assert_allclose(d.twist, np.array(slide) / T)
+    assert d.limits_applied == ()
+
+
 def test_workspace_horizon_grows_with_joint_state_age(kin: ArmKinematics) -> None:
     pos, _ = kin.fk(kin.neutral())
     rig = Rig(kin, workspace_min=(-1.0, -1.0, 0.0), workspace_max=(1.0, 1.0, pos[2] + 0.004))

@@ -10,8 +10,9 @@ callback group should the node be put in a multi-threaded executor. Times passed
 are the node clock in seconds; an action's camera stamp is its header stamp (the frame it came
 from), so a stale frame stops the arm even while actions keep arriving. A dead VLA process is
 seen through the action stream's DDS liveliness: the heartbeat stops, then the limiter stops the
-arm. A latched e-stop or protective stop is written to ``latch_file`` (fsync'd) before the node
-reports it, so a restarted node comes back latched; only ``~/reset`` clears it and the file.
+arm. A latched e-stop or protective stop is written to ``latch_file`` (fsync'd) right after
+the zero command and before the node reports it, so a restarted node comes back latched; only
+``~/reset`` clears it and the file.
 In ``shadow_mode`` the arm is commanded nothing (zero twist, no pose target, no gripper
 command): the would-be twist goes to ``shadow_twist`` and the markers, and is compared with
 ``reference_twist`` (``vla_ros.core.safety.shadow``).
@@ -355,8 +356,11 @@ class SafetyNode(Node):
 
     def _publish(self, d: Decision, force_status: bool = False,
                  would_be: np.ndarray | None = None) -> None:
-        """Publish the command of ``d`` (zero when not ACTIVE), gripper, status on transitions."""
-        self._persist()
+        """Publish the command of ``d`` (zero when not ACTIVE), gripper, status on transitions.
+
+        The command goes out first (a stop must not wait for the disk); a new latch is written
+        to ``latch_file`` before the status reports it.
+        """
         # Stamped with the time the limiter computed the command (its acceleration bound holds
         # between these stamps), or now for an input whose time was not readable.
         stamp = (Time(nanoseconds=round(d.time * 1e9)) if math.isfinite(d.time)
@@ -386,6 +390,7 @@ class SafetyNode(Node):
             self._cmd_pub.publish(self._twist_msg(d.twist, stamp))
         if d.gripper is not None and not self.shadow:
             self._grip_pub.publish(Float64(data=float(d.gripper)))
+        self._persist()
         self._last = d
         self._audit_write(d, would_be)
         if d.transition or force_status:

@@ -247,25 +247,33 @@ def contact_retreat(v: np.ndarray, ctx: Context) -> StageResult:
 def workspace(v: np.ndarray, ctx: Context) -> StageResult:
     """Per axis, keep the predicted stop of the tool centre point inside the box.
 
-    The stop must fall ``LINEARIZATION_MARGIN_M`` inside the box; outside the box itself only
-    motion straight back is allowed.
+    The stop must fall ``LINEARIZATION_MARGIN_M`` inside the box; outside the box itself, and in
+    the outer half of that margin, only motion straight back is allowed. Commanded motion stops
+    at the margin, so the tool reaches its outer half only by what the prediction does not
+    model: a driver's inverse kinematics drifts the tool sideways while it slides along a wall
+    or rotates there (seen in the graph fuzz with the simulated arm's damped least squares:
+    1 mm of drift within a second of sliding and turning at the wall), and sliding on would add
+    up that drift without bound; backing off cannot.
     """
     view, b = ctx.view, ctx.bounds
     if view is None:
         return v, [], ''
     pos = view.position
     outside = [not lo <= p <= hi for p, lo, hi in zip(pos, b.ws_lo, b.ws_hi, strict=True)]
-    any_outside = any(outside)
+    guard = 0.5 * LINEARIZATION_MARGIN_M
+    at_wall = [not lo + guard <= p <= hi - guard
+               for p, lo, hi in zip(pos, b.ws_lo, b.ws_hi, strict=True)]
+    back_only = any(at_wall)
     limits: list[str] = []
     v = v.copy()
-    if any_outside:
-        # Outside the box only motion back towards it: the inward components on the axes where
-        # it is outside; no sliding along the box and no rotation.
-        limits.append('workspace:outside')
+    if back_only:
+        # Only motion back into the box: the inward components on the axes where it is outside
+        # or at the wall; no sliding along the box and no rotation.
+        limits.append('workspace:outside' if any(outside) else 'workspace:at_wall')
         v[3:] = 0.0
     decel = b.linear_accel / math.sqrt(3.0)  # per axis, so that the three together keep it
     for i in range(3):
-        if any_outside and not outside[i]:
+        if back_only and not at_wall[i]:
             v[i] = 0.0
             continue
         w = float(v[i])
@@ -283,8 +291,8 @@ def workspace(v: np.ndarray, ctx: Context) -> StageResult:
                 limits.append(f'workspace:{AXES[i]}_min')
     reason = ''
     if not v.any() and limits:
-        reason = ('outside the workspace: only motion back towards it is allowed' if any_outside
-                  else 'workspace: no motion allowed')
+        reason = ('outside the workspace or at its wall: only motion back into it is allowed'
+                  if back_only else 'workspace: no motion allowed')
     return v, limits, reason
 
 
