@@ -13,6 +13,7 @@ node do their tasks in closed loop.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 
 from vla_ros.bringup import node_specs
 from vla_ros.core.image import encode_image
-from vla_ros.eval import ARM_SEED_STRIDE, EvalConfig, _graph_specs, run_graph
+from vla_ros.eval import EvalConfig, _graph_specs, run_graph
 from vla_ros.msg import Observation, VlaAction
 from vla_ros.nodes import qos
 from vla_ros.nodes.vla_node import VlaNode
@@ -329,18 +330,27 @@ def test_time_scale_slows_every_time_constant_of_the_loop_together() -> None:
 
 
 def test_the_multi_arm_graph_is_the_robots_bringup_with_per_arm_layouts() -> None:
-    config = EvalConfig(arms=3, time_scale=4.0, seed=100)
+    config = EvalConfig(arms=3, time_scale=4.0, seed=100, episodes=2)
     assert config.arm_names() == ['arm1', 'arm2', 'arm3']
-    assert [config.arm_seed_offset(a) for a in config.arm_names()] == [
-        0, ARM_SEED_STRIDE, 2 * ARM_SEED_STRIDE]
-    specs = _graph_specs(config, 'vla', 'vla', config.seed)
+    # The arms share the schedule: consecutive parts, together exactly the single-arm episodes.
+    parts = [config.arm_schedule('vla', arm) for arm in config.arm_names()]
+    assert [len(p) for p in parts] == [2, 3, 3]
+    assert [(t.name, seed) for part in parts for _, t, seed in part] == [
+        (t.name, seed) for _, t, seed in config.schedule('vla')]
+    assert all([j for j, _, _ in part] == list(range(1, len(part) + 1)) for part in parts)
+    # Each simulator lays out its episode j with seed + j: the schedule's seed.
+    for arm, part in zip(config.arm_names(), parts, strict=True):
+        assert all(config.arm_seed_base('vla', arm) + j == seed for j, _, seed in part)
+    with pytest.raises(ValueError, match='cannot be shared'):
+        EvalConfig(arms=5, episodes=1).arm_schedule('vla', 'arm1')
+    specs = _graph_specs(config, 'vla', 'vla')
     bringup = node_specs({'use_sim': 'true', 'robots': 'arm1,arm2,arm3'})
     assert [s.label for s in specs] == [s.label for s in bringup]
     for spec, plain in zip(specs, bringup, strict=True):
         assert spec.remappings == plain.remappings  # the bringup's wiring, untouched
         extra = {k: v for k, v in spec.parameters.items() if plain.parameters.get(k) != v}
         if spec.name == 'sim_arm_node':
-            assert extra == {'seed': 100 + config.arm_seed_offset(spec.arm)}
+            assert extra == {'seed': config.arm_seed_base('vla', spec.arm)}
         elif spec.name == 'camera_node':
             assert extra == {'policy_rate_hz': pytest.approx(5.0 / 4.0)}
         elif spec.name == 'safety_node':
@@ -349,8 +359,9 @@ def test_the_multi_arm_graph_is_the_robots_bringup_with_per_arm_layouts() -> Non
             assert extra == {'model_path': extra['model_path'], 'device': 'cpu',
                              'max_observation_age': pytest.approx(4.0)}
     # The baselines stand in for the VLA node; one arm keeps the single-arm graph exactly.
-    assert 'vla_node' not in [s.name for s in _graph_specs(config, 'expert', 'vla', 0)]
-    single = _graph_specs(EvalConfig(), 'vla', 'vla', 0)
+    assert 'vla_node' not in [s.name for s in _graph_specs(config, 'expert', 'vla')]
+    single = _graph_specs(EvalConfig(seed=5), 'vla', 'vla')
+    assert single[-1].parameters['seed'] == 5  # episode k: seed + k, as without arms
     assert [(s.label, s.namespace_in('vla')) for s in single] == [
         ('camera_node', 'vla'), ('vla_node', 'vla'), ('safety_node', 'vla'), ('sim_arm_node', '')]
 
@@ -369,14 +380,13 @@ def test_two_arms_served_by_one_vla_node_do_their_tasks_in_closed_loop(
     for arm in ('arm1', 'arm2'):
         LatchFile(default_latch_path(f'/{arm}/vla/safety_node')).write(
             'protective stop: left by an earlier run', f'/{arm}/vla/safety_node')
-    config = EvalConfig(episodes=1, tasks=('reach_red', 'reach_blue'), policies=('vla',),
+    config = EvalConfig(episodes=2, tasks=('reach_red', 'reach_blue'), policies=('vla',),
                         seed=7100, arms=2, time_scale=6.0)
     diagnostics: dict = {}
     results = run_graph(config, domain_id=domain_id, diagnostics=diagnostics)
     assert sorted((r.arm, r.task, r.seed) for r in results) == [
         ('arm1', 'reach_blue', 7102), ('arm1', 'reach_red', 7101),
-        ('arm2', 'reach_blue', 7102 + ARM_SEED_STRIDE),
-        ('arm2', 'reach_red', 7101 + ARM_SEED_STRIDE)]
+        ('arm2', 'reach_blue', 7104), ('arm2', 'reach_red', 7103)]
     for arm in ('arm1', 'arm2'):
         mine = [r for r in results if r.arm == arm]
         assert all(r.actions > 0 and r.inference_ms for r in mine), mine
@@ -388,3 +398,86 @@ def test_two_arms_served_by_one_vla_node_do_their_tasks_in_closed_loop(
     arms = {name.rsplit(' ', 1)[-1]: v for name, v in vla.items() if ': arm ' in name}
     assert sorted(arms) == ['/arm1/vla', '/arm2/vla']
     assert all(int(v['actions_published']) > 0 for v in arms.values())
+
+
+# ------------------------------------------------------------------------ docs/fleet.md
+ROOT = Path(__file__).resolve().parent.parent
+DOC_COMMAND = 'vla-ros bringup --sim --arg robots:=arm1,arm2'
+
+
+def capacity_table(result: dict) -> list[str]:
+    """docs/fleet.md's table of one GPU's batch times, from bench_policy.py's batching rows."""
+    rows = {(r['n_arms'], r['mode']): r for r in result['batching']}
+    lines = ['| arms | bf16 batch [ms] | bf16 actions/s | int4 batch [ms] | int4 actions/s '
+             '| every arm at 5 Hz (bf16) |', '| --- | --- | --- | --- | --- | --- |']
+    for n in sorted({n for n, _ in rows}):
+        bf16, int4 = rows[(n, 'bf16')], rows[(n, 'int4')]
+        lines.append(f'| {n} | {bf16["batch_ms"]:.0f} | {bf16["throughput_hz"]:.0f} '
+                     f'| {int4["batch_ms"]:.0f} | {int4["throughput_hz"]:.0f} '
+                     f'| {"yes" if bf16["batch_ms"] <= 200 else "no"} |')
+    return lines
+
+
+def closed_loop_table(result: dict) -> list[str]:
+    """docs/fleet.md's table of one bench_multi_arm.py result."""
+    c = result['comparison']
+    n = len(c['arms'])
+    lines = [f'| episodes of | count | {n} arms, one VLA node: success | 1 arm, same layouts '
+             '| shortfall [points] |', '| --- | --- | --- | --- | --- |']
+    for label, r in [*c['arms'].items(), *c['tasks'].items(), ('all', c['all'])]:
+        lines.append(f'| {label} | {r["episodes"]} | {r["success_rate"]:.0%} '
+                     f'| {r["single_arm_same_layouts"]:.0%} | {r["shortfall_points"]:g} |')
+    return lines
+
+
+def closed_loop_figures(result: dict) -> str:
+    """The sentence under the table: the VLA node's batches and the load of both runs."""
+    multi, single = result['multi'], result['single']
+    rates = [t['action_rate_hz'] for tasks in multi['per_arm'].values() for t in tasks.values()]
+    return (f'The VLA node ran {multi["vla_node"]["batches"]} batches of '
+            f'{float(multi["vla_node"]["mean_batch_size"]):.2f} arms on average, '
+            f'{float(multi["vla_node"]["median_batch_ms"]):.0f} ms each (median; one arm alone: '
+            f'{float(single["vla_node"]["median_batch_ms"]):.0f} ms), each arm getting '
+            f'{min(rates):.2f}-{max(rates):.2f} actions/s against the '
+            f'{1 / result["action_period_s"]:.3g} of the slowed loop; 1-minute load average '
+            f'{multi["load_average_1min"]["start"]:.1f}-{multi["load_average_1min"]["end"]:.1f} '
+            f'(four arms) and {single["load_average_1min"]["start"]:.1f}-'
+            f'{single["load_average_1min"]["end"]:.1f} (one arm).')
+
+
+def test_fleet_doc_shows_the_robots_layout_the_code_starts() -> None:
+    text = (ROOT / 'docs' / 'fleet.md').read_text(encoding='utf-8')
+    section = text[text.index('## Many arms, one GPU'):]
+    assert DOC_COMMAND in section
+    from vla_ros import cli
+    opts = cli.build_parser().parse_args(DOC_COMMAND.split()[1:])
+    values = {**cli._parse_assignments(opts.arg), 'use_sim': 'true'}
+    specs = node_specs(values)
+    # The command starts the graph the closed-loop test above runs (less the VLA node's
+    # evaluation parameters).
+    tested = _graph_specs(EvalConfig(arms=2), 'vla', 'vla')
+    assert [(s.label, s.remappings) for s in specs] == [(s.label, s.remappings) for s in tested]
+    by_label = {s.label: s for s in specs}
+    rows = {line.split(' | ')[0].strip('| '): line for line in section.splitlines()
+            if line.startswith('| ')}
+    ns = by_label['arm1/camera_node'].namespace_in('vla')
+    assert f'`/{ns}/camera_node`, `/{ns}/safety_node`' in rows['camera and safety nodes']
+    for topic in (dict(by_label['arm1/camera_node'].remappings)['image'],
+                  *(dict(by_label['arm1/safety_node'].remappings)[k]
+                    for k in ('twist', 'joint_states', 'wrench'))):
+        assert f'`{topic}`' in rows['camera, Servo, joint states, wrench'], topic
+    sim = dict(by_label['arm1/sim_arm_node'].remappings)
+    assert f'`/{by_label["arm1/sim_arm_node"].namespace_in("vla")}/sim_arm_node`' in \
+        rows['simulated arm (`use_sim`)'] and f'`{sim["task_success"]}`' in \
+        rows['simulated arm (`use_sim`)']
+    assert f'`arms: {by_label["vla_node"].parameters["arms"]}`' in rows['VLA node']
+    # The operator commands' --namespace reaches that arm's camera node (the instruction's one
+    # reader) and safety node.
+    from vla_ros.bringup import ns_topic
+    assert ns_topic('arm1/vla', 'instruction') == f'/{ns}/instruction'
+    h200 = json.loads((ROOT / 'bench' / 'results' / 'h200_2026-12-01_user.json').read_text())
+    assert '\n'.join(capacity_table(h200)) in section
+    result = json.loads((ROOT / 'bench' / 'results' / 'eval_graph_4arms.json').read_text())
+    assert result['command'] in section
+    assert '\n'.join(closed_loop_table(result)) in section
+    assert closed_loop_figures(result) in ' '.join(section.split())

@@ -18,9 +18,11 @@ tasks, uses layout seed ``seed + k``, the numbering of ``sim_arm_node``, which r
   rate) + the world stepped by the limited twist, on a simulated clock.
 
 With ``arms`` > 1 the graph is ``vla-ros bringup --sim --arg robots:=arm1,...``: one VLA node
-serves every arm in one batch, each arm with its own camera, safety and simulated arm; the arms
-run their episodes at the same time, arm ``a`` (from 1) on layout seeds offset by
-``(a - 1) * ARM_SEED_STRIDE`` (arm1 sees exactly the single-arm layouts). ``time_scale`` s
+serves every arm in one batch, each arm with its own camera, safety and simulated arm. The arms
+share the schedule: arm ``a`` runs the ``a``-th of N consecutive parts of it (the same episodes,
+layouts included, as one arm running all of them), all arms at the same time, so every arm
+works in a scene of its own and the N-arm figures compare episode by episode with a single-arm
+run. ``time_scale`` s
 slows every time constant of the loop together (camera rate / s; action period, timeouts,
 the VLA node's observation age and gripper dwell x s; speed limits / s, acceleration limits /
 s^2), so that each action is the same motion taking s times longer: for a CPU that cannot run
@@ -75,8 +77,6 @@ logger = logging.getLogger(__name__)
 
 #: Policies an evaluation can run: the checkpoint, and the two baselines.
 POLICIES = ('vla', 'expert', 'random')
-#: With several arms, arm ``a`` (from 1) uses layout seeds ``(a - 1) * ARM_SEED_STRIDE`` higher.
-ARM_SEED_STRIDE = 10_000
 #: SafetyConfig fields in seconds, in m/s or rad/s, and in m/s^2 or rad/s^2 (``time_scale``).
 _TIMES = ('action_period', 'action_timeout', 'camera_timeout', 'vla_heartbeat_timeout',
           'joint_state_timeout', 'gripper_min_dwell')
@@ -105,8 +105,8 @@ class EvalConfig:
 
     ``max_steps`` bounds the actions of one episode (the tasks' own budget by default);
     ``baseline_episodes`` (None: ``episodes``) is the count for the expert and random policies.
-    ``arms``: simulated arms served by the one VLA node (graph mode), each running every episode
-    of the schedule on its own layouts; ``time_scale``: see the module docstring. ``safety``
+    ``arms``: simulated arms served by the one VLA node (graph mode), sharing the schedule
+    (``arm_schedule``); ``time_scale``: see the module docstring. ``safety``
     holds the limits as configured (``safety_file`` is where they came from, '' = the
     package's); ``loop_safety`` the ones the loop runs with, time-scaled.
     """
@@ -168,9 +168,26 @@ class EvalConfig:
         """The arms' namespaces: ``arm1``, ``arm2``, ... ('' alone for a single arm)."""
         return [f'arm{a}' for a in range(1, self.arms + 1)] if self.arms > 1 else ['']
 
-    def arm_seed_offset(self, arm: str) -> int:
-        """How much higher arm ``arm``'s layout seeds are than the single-arm ones."""
-        return self.arm_names().index(arm) * ARM_SEED_STRIDE
+    def arm_schedule(self, policy: str, arm: str) -> list[tuple[int, Task, int]]:
+        """Arm ``arm``'s consecutive part of ``schedule(policy)``, numbered from 1 for that arm.
+
+        (local episode number j, task, layout seed): the arm's camera node numbers its episodes
+        from 1, and its simulator, started with seed ``arm_seed_base``, lays out episode j with
+        the schedule's seed. One arm: the whole schedule.
+        """
+        schedule = self.schedule(policy)
+        index, n = self.arm_names().index(arm), self.arms
+        if len(schedule) < n:
+            raise ConfigError(f'{len(schedule)} episodes of {policy} cannot be shared by '
+                              f'{n} arms')
+        start, stop = len(schedule) * index // n, len(schedule) * (index + 1) // n
+        return [(j, task, seed) for j, (_, task, seed) in
+                enumerate(schedule[start:stop], start=1)]
+
+    def arm_seed_base(self, policy: str, arm: str) -> int:
+        """The ``seed`` of arm ``arm``'s simulator (it lays out episode j with seed + j)."""
+        first = self.arm_schedule(policy, arm)[0]
+        return first[2] - first[0]
 
     def episodes_for(self, policy: str) -> int:
         """Episodes per task for ``policy``."""
@@ -609,7 +626,7 @@ class _GraphEvaluator:
         return True
 
 
-def _graph_specs(config: EvalConfig, policy: str, namespace: str, sim_seed: int) -> list[Any]:
+def _graph_specs(config: EvalConfig, policy: str, namespace: str) -> list[Any]:
     from vla_ros.bringup import node_specs
 
     values = {'use_sim': 'true', 'namespace': namespace, 'device': 'cpu',
@@ -640,7 +657,7 @@ def _graph_specs(config: EvalConfig, policy: str, namespace: str, sim_seed: int)
             continue
         parameters = {**spec.parameters, **overrides.get(spec.name, {})}
         if spec.name == 'sim_arm_node':
-            parameters['seed'] = sim_seed + config.arm_seed_offset(spec.arm)
+            parameters['seed'] = config.arm_seed_base(policy, spec.arm)
         specs.append(dataclasses.replace(spec, parameters=parameters))
     return specs
 
@@ -773,9 +790,10 @@ def run_graph(config: EvalConfig, namespace: str = 'vla', domain_id: int | None 
 
     The graph is started afresh per policy (so every policy sees the same layouts) on
     ``domain_id`` (None: the environment's), torch limited to one thread per process. With
-    several arms, each arm runs the whole schedule on its own layouts, all arms at once (one
-    thread each). Episode time limit: the step budget times the loop's action period, plus
-    3 s. ``diagnostics`` (optional) receives the VLA node's last diagnostics per policy.
+    several arms, each runs its part of the schedule (``EvalConfig.arm_schedule``), all at
+    once (one thread each). Episode time limit: the step budget times the loop's action
+    period, plus 3 s. ``diagnostics`` (optional) receives the VLA node's last diagnostics per
+    policy.
     """
     import rclpy
     from rclpy.context import Context
@@ -790,7 +808,7 @@ def run_graph(config: EvalConfig, namespace: str = 'vla', domain_id: int | None 
         # start this one latched, and this run's latches must not outlive it.
         state_dir = tempfile.TemporaryDirectory(prefix='vla_ros_eval_')
         env = _node_env(domain_id, state_dir.name)
-        graph = _Graph(_graph_specs(config, policy, namespace, config.seed), namespace, env)
+        graph = _Graph(_graph_specs(config, policy, namespace), namespace, env)
         context = Context()
         rclpy.init(context=context, domain_id=domain_id)
         evaluators: list[_GraphEvaluator] = []
@@ -810,7 +828,8 @@ def run_graph(config: EvalConfig, namespace: str = 'vla', domain_id: int | None 
 
             threads = [threading.Thread(
                 target=_run_arm, daemon=True,
-                args=(ev, graph, policy, schedule, config, record, failures))
+                args=(ev, graph, policy, config.arm_schedule(policy, ev.arm), config, record,
+                      failures))
                 for ev in evaluators]
             for thread in threads:
                 thread.start()
@@ -837,18 +856,17 @@ def run_graph(config: EvalConfig, namespace: str = 'vla', domain_id: int | None 
 def _run_arm(ev: _GraphEvaluator, graph: _Graph, policy: str,
              schedule: Sequence[tuple[int, Task, int]], config: EvalConfig,
              record: Callable[[EpisodeResult], None], failures: list[BaseException]) -> None:
-    """Run the schedule on one arm, in its own thread.
+    """Run one arm's part of the schedule, in its own thread.
 
     An exception goes to ``failures``, which also stops the other arms after their episode.
     """
-    offset = config.arm_seed_offset(ev.arm)
     period = config.loop_safety.action_period
     try:
         for k, task, seed in schedule:
             if failures:
                 return
             timeout = config.steps_for(task) * period + 3.0
-            result = _episode_from_graph(ev, policy, task, seed + offset, k, timeout)
+            result = _episode_from_graph(ev, policy, task, seed, k, timeout)
             result.arm = ev.arm
             record(result)
             dead = graph.bringup.dead()
