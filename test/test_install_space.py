@@ -32,7 +32,7 @@ from std_msgs.msg import Bool, String
 
 from vla_ros.msg import Episode, SafetyStatus
 from vla_ros.nodes import qos
-from vla_ros.testing import NodeProcess, node_processes, rclpy_context, wait_for
+from vla_ros.testing import NodeProcess, node_processes, rclpy_context, state_dir, wait_for
 
 pytestmark = pytest.mark.graph
 
@@ -231,7 +231,10 @@ def test_installed_nodes_with_the_stock_cli_qos(workspace: Workspace, domain_id:
     share = workspace.prefix / 'share' / 'vla_ros'
     env.update({'ROS_DOMAIN_ID': str(domain_id), 'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST',
                 'RMW_IMPLEMENTATION': 'rmw_fastrtps_cpp', 'PYTHONUNBUFFERED': '1',
-                'FASTDDS_DEFAULT_PROFILES_FILE': str(share / 'config' / 'fastdds_shm.xml')})
+                'FASTDDS_DEFAULT_PROFILES_FILE': str(share / 'config' / 'fastdds_shm.xml'),
+                # the e-stop this test latches stays in this domain's state folder (emptied when
+                # the domain is reserved), not in the user's ~/.local/state
+                'XDG_STATE_HOME': str(state_dir(domain_id))})
     # The node list and arguments as the installed package defines them (what launch starts).
     specs = json.loads(workspace.python(
         'import json\nfrom vla_ros.bringup import node_specs, ros_args\n'

@@ -31,7 +31,7 @@ a batch within the 0.2 s period. The simulator's physics runs as always.
 Per task and policy the report gives the success rate, steps (actions) to success, safety
 interventions (actions the limiter changed, and stops: transitions to STOPPED/DONE/ESTOP) and the
 inference time and rate, and with several arms the same per arm. Run
-``vla-ros eval --sim --episodes N [--arms 4 --time-scale 4]``.
+``vla-ros eval --sim --episodes N [--arms 4 --time-scale 8]``.
 """
 
 from __future__ import annotations
@@ -984,7 +984,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument('--log-dir', default=None, help='keep the node logs here (graph mode)')
     parser.add_argument('--arms', type=int, default=1,
                         help='simulated arms served by one VLA node in one batch (graph mode): '
-                             'each runs every episode on its own layouts, all at once')
+                             'they share the episodes (arm a runs the a-th part), all at once')
     parser.add_argument('--time-scale', dest='time_scale', type=float, default=1.0,
                         help='run the loop this many times slower, every time constant '
                              'together (graph mode; for a CPU too slow for the 0.2 s period)')
