@@ -227,7 +227,6 @@ def main() -> int:
         'benchmark': 'DDS one-way latency estimate (RTT/2), rclpy ping-pong between two '
                      'processes on one host',
         'command': command,
-        'cwd': str(ROOT),
         'date_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
         'machine': machine_info(),
         'loadavg_before': [round(x, 2) for x in load_before],

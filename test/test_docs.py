@@ -53,6 +53,14 @@ def test_no_paths_of_a_development_machine(doc: Path) -> None:
         assert fragment not in text, f'{doc.name} mentions {fragment!r}'
 
 
+@pytest.mark.parametrize('result', sorted((ROOT / 'bench' / 'results').iterdir()),
+                         ids=lambda p: p.name)
+def test_bench_results_name_no_paths_of_a_development_machine(result: Path) -> None:
+    text = result.read_text(encoding='utf-8')
+    for fragment in ('/work/', '/tmp/pytest', 'device tool'):
+        assert fragment not in text, f'{result.name} mentions {fragment!r}'
+
+
 def test_launch_argument_table_is_launch_arguments() -> None:
     rows = _table_rows((ROOT / 'docs' / 'operating.md').read_text(encoding='utf-8'), 'argument')
     expected = []

@@ -930,7 +930,7 @@ def evaluate(config: EvalConfig, mode: str = 'graph', json_path: str | None = No
     report: dict[str, Any] = {
         'command': command,
         'mode': mode,
-        'checkpoint': config.checkpoint or str(default_checkpoint()),
+        'checkpoint': config.checkpoint or default_checkpoint().name,  # no machine path
         'episodes_per_task': {p: config.episodes_for(p) for p in config.policies},
         'tasks': list(config.tasks), 'seed': config.seed,
         'arms': config.arm_names() if config.arms > 1 else 1,
