@@ -9,7 +9,7 @@ the 0.2 s period. Writes, for each arm, each task and all episodes, the N-arm su
 single-arm rate on the same layouts and the shortfall in points, with the VLA node's batch
 figures (batches, mean batch size, median batch time), the stops by kind and the load average.
 
-  .venv/bin/python bench/bench_multi_arm.py --arms 4 --episodes 20 --time-scale 8 \\
+  .venv/bin/python bench/bench_multi_arm.py --arms 4 --episodes 10 --time-scale 8 \\
       --out bench/results/eval_graph_4arms.json
 """
 
@@ -82,9 +82,9 @@ def compare(single: dict, multi: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--arms', type=int, default=4)
-    ap.add_argument('--episodes', type=int, default=20,
+    ap.add_argument('--episodes', type=int, default=10,
                     help='episodes per task (the arms share them)')
-    ap.add_argument('--time-scale', dest='time_scale', type=float, default=10.0)
+    ap.add_argument('--time-scale', dest='time_scale', type=float, default=8.0)
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--tasks', default='', help='comma list (default: every task)')
     ap.add_argument('--out', default=None)
