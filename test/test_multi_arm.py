@@ -14,7 +14,6 @@ node do their tasks in closed loop.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from vla_ros.eval import EvalConfig, _graph_specs, run_graph
 from vla_ros.msg import Observation, VlaAction
 from vla_ros.nodes import qos
 from vla_ros.nodes.vla_node import VlaNode
-from vla_ros.testing import rclpy_context
+from vla_ros.testing import rclpy_context, spin_until
 
 ARMS = ('/arm1/vla', '/arm2/vla', '/arm3/vla', '/arm4/vla')
 
@@ -75,12 +74,7 @@ class Fleet:
         self.rng = np.random.default_rng(7)
 
     def spin_until(self, pred: Callable[[], bool], timeout: float = 60.0) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if pred():
-                return True
-            self.ex.spin_once(timeout_sec=0.02)
-        return bool(pred())
+        return spin_until(self.ex, pred, timeout)
 
     def connect(self) -> None:
         assert self.spin_until(lambda: all(

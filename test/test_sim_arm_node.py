@@ -22,6 +22,7 @@ from vla_ros.nodes.sim_arm_node import SimArmNode
 from vla_ros.sim.scene import GRIPPER_DOWN
 from vla_ros.sim.state import from_json
 from vla_ros.testing import NodeProcess, node_processes, rclpy_context, ros_env
+from vla_ros.testing import spin_until as spin_executor_until
 
 #: ``ros2 topic pub``'s default profile (Jazzy and later): reliable, volatile, keep last 10.
 CLI_DEFAULT = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
@@ -46,13 +47,7 @@ def graph(domain_id: int):  # noqa: ANN201
         def spin_until(predicate: Callable[[], bool], timeout: float = TIMEOUT,
                        sim_too: bool = True) -> bool:
             """Spin (the sim node's callbacks too, or the peer's only) until ``predicate``."""
-            executor = both if sim_too else peer_only
-            end = time.monotonic() + timeout
-            while not predicate():
-                if time.monotonic() > end:
-                    return False
-                executor.spin_once(timeout_sec=0.02)
-            return True
+            return spin_executor_until(both if sim_too else peer_only, predicate, timeout)
 
         yield sim, peer, spin_until
         both.shutdown(timeout_sec=1.0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from vla_ros.core.image import encode_image
 from vla_ros.msg import Observation, VlaAction
 from vla_ros.nodes import qos
-from vla_ros.testing import NodeProcess, node_processes, rclpy_context, ros_env
+from vla_ros.testing import NodeProcess, node_processes, rclpy_context, ros_env, spin_until
 
 pytestmark = pytest.mark.graph
 
@@ -47,12 +46,7 @@ class Harness:
         self.ex.add_node(self.node)
 
     def spin_until(self, pred, timeout: float) -> bool:  # noqa: ANN001
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if pred():
-                return True
-            self.ex.spin_once(timeout_sec=0.02)
-        return bool(pred())
+        return spin_until(self.ex, pred, timeout)
 
 
 def _start(domain_id: int, model_path: str) -> NodeProcess:

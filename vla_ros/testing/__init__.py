@@ -111,6 +111,16 @@ def wait_for(predicate: Callable[[], bool], timeout: float, period: float = 0.01
     return bool(predicate())
 
 
+def spin_until(executor: object, predicate: Callable[[], bool], timeout: float) -> bool:
+    """Spin ``executor`` (an rclpy executor) until ``predicate`` holds or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        executor.spin_once(timeout_sec=0.02)  # type: ignore[attr-defined]
+    return bool(predicate())
+
+
 class NodeProcess:
     """A node started as its own process, output kept for asserts.
 
