@@ -466,7 +466,8 @@ class SafetyLimiter:
         The arm stops (zero output) until the first action of the new episode; counters, the
         still detector and a waiting step are reset. In ESTOP the latch stays; the new episode
         takes effect after ``reset``. ``start`` (the episode's stamp [s], same clock as the
-        actions' frame stamps; None, zero or not finite: unknown): actions computed from frames
+        actions' frame stamps; None, zero, not finite or beyond ``max_stamp_ahead``: unknown;
+        a little ahead: now): actions computed from frames
         taken before it are not of this episode (a restarted instruction owner numbers its
         episodes from 1 again, so an id alone can name an earlier episode).
         """
@@ -481,11 +482,8 @@ class SafetyLimiter:
         text = instruction.strip() if isinstance(instruction, str) else ''
         self._instruction = text or None
         self._episode_id = ep if ep >= 0 and self._instruction else -1
-        try:
-            begun = float(start)  # type: ignore[arg-type]
-        except (TypeError, ValueError, OverflowError):
-            begun = math.nan
-        self._episode_start = begun if math.isfinite(begun) and begun > 0.0 else None
+        # A start ahead of the clock (skew) counts as now, an unreadable one as unknown.
+        self._episode_start, _ = stamped_time(start, t, self.config.max_stamp_ahead)
         self._last_stamp = None
         self._step_count = 0
         self._still_count = 0
